@@ -1,0 +1,88 @@
+"""Which parameters train (parameter-efficient transfer) and their optimiser groups."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from torch import nn
+
+GROUPS = ("image_encoder", "prompt_encoder", "mask_decoder", "sgpm", "extensions")
+
+
+def parameter_group(name: str) -> str:
+    """Group of a parameter name (its top-level child)."""
+    head = name.split(".", 1)[0]
+    return head if head in GROUPS else "other"
+
+
+def set_trainable(
+    model: nn.Module,
+    train_image_encoder: bool = False,
+    train_prompt_encoder: bool = True,
+    train_mask_decoder: bool = True,
+    train_sgpm: bool = True,
+    train_extensions: bool = True,
+) -> dict[str, dict[str, int]]:
+    """Freeze/unfreeze by group (default: frozen encoder; SGPM, extensions, prompt encoder, decoder train).
+
+    Returns the parameter counts per group (see ``count_parameters``).
+    """
+    flags = {
+        "image_encoder": train_image_encoder,
+        "prompt_encoder": train_prompt_encoder,
+        "mask_decoder": train_mask_decoder,
+        "sgpm": train_sgpm,
+        "extensions": train_extensions,
+        "other": True,
+    }
+    for name, param in model.named_parameters():
+        param.requires_grad_(flags[parameter_group(name)])
+    return count_parameters(model)
+
+
+def count_parameters(model: nn.Module) -> dict[str, dict[str, int]]:
+    """{group: {"trainable": n, "total": n}} plus a "all" entry."""
+    counts: dict[str, dict[str, int]] = {}
+    for name, param in model.named_parameters():
+        entry = counts.setdefault(parameter_group(name), {"trainable": 0, "total": 0})
+        entry["total"] += param.numel()
+        entry["trainable"] += param.numel() if param.requires_grad else 0
+    counts["all"] = {
+        "trainable": sum(c["trainable"] for c in counts.values()),
+        "total": sum(c["total"] for c in counts.values()),
+    }
+    return counts
+
+
+def format_parameter_counts(counts: dict[str, dict[str, int]]) -> str:
+    """One line per group: trainable / total parameters."""
+    return "\n".join(f"{g:15s} {c['trainable']:>12,d} / {c['total']:>12,d} trainable" for g, c in counts.items())
+
+
+def optimizer_param_groups(
+    model: nn.Module, base_lr: float, lr_multipliers: dict[str, float] | None = None, weight_decay: float = 0.0
+) -> list[dict]:
+    """Trainable parameters grouped with per-group learning rates ``base_lr * multiplier``.
+
+    Norm weights, biases, position embeddings and relative-position tables get no weight decay.
+    """
+    lr_multipliers = lr_multipliers or {}
+    groups: dict[tuple[str, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim <= 1 or name.endswith(("pos_embed", "rel_pos_d", "rel_pos_h", "rel_pos_w"))
+        groups.setdefault((parameter_group(name), no_decay), []).append(param)
+    return [
+        {
+            "params": params,
+            "lr": base_lr * float(lr_multipliers.get(group, 1.0)),
+            "weight_decay": 0.0 if no_decay else weight_decay,
+            "name": f"{group}{'/no_decay' if no_decay else ''}",
+        }
+        for (group, no_decay), params in sorted(groups.items())
+    ]
+
+
+def trainable_names(model: nn.Module) -> Iterable[str]:
+    return (n for n, p in model.named_parameters() if p.requires_grad)

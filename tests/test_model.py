@@ -1,0 +1,236 @@
+"""Core network: SAM-Med3D compatibility, exact fast attention, SGPM identity/gating, encode/decode API."""
+
+import re
+
+import pytest
+import torch
+from conftest import REFERENCE_DIR
+
+from scripts.modeling import build_sgp_sam
+from scripts.modeling.attention import Attention3D
+from scripts.training_policy import count_parameters, optimizer_param_groups, set_trainable
+
+
+def reference_entries() -> list[tuple[str, tuple[int, ...]]]:
+    entries = []
+    for line in (REFERENCE_DIR / "sam_med3d_state_dict.txt").read_text().splitlines():
+        match = re.fullmatch(r"(\S+) \(([\d, ]*)\)", line.strip())
+        assert match, f"unparsable reference line: {line!r}"
+        shape = tuple(int(s) for s in match.group(2).split(",") if s.strip())
+        entries.append((match.group(1), shape))
+    return entries
+
+
+@pytest.fixture(scope="module")
+def full_backbone():
+    torch.manual_seed(0)
+    return build_sgp_sam("sam_med3d", sgpm=False).eval()
+
+
+def test_backbone_state_dict_equals_reference(full_backbone):
+    reference = reference_entries()
+    assert len(reference) == 324
+    ours = [(k, tuple(v.shape)) for k, v in full_backbone.state_dict().items()]
+    assert sorted(ours) == sorted(reference)
+    assert sum(p.numel() for p in full_backbone.parameters()) == 100_509_232
+
+
+def test_sgpm_keys_live_outside_backbone_prefixes():
+    model = build_sgp_sam("sam_med3d", sgpm=True)
+    reference = {k for k, _ in reference_entries()}
+    assert set(model.backbone_state_keys()) == reference
+    extra = set(model.state_dict()) - reference
+    assert extra and all(k.startswith("sgpm.stages.") for k in extra)
+
+
+def _randomise(module: torch.nn.Module, std: float = 0.5) -> None:
+    """Non-trivial relative-position tables and qkv biases, so padded keys and their bias really matter."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "rel_pos" in name or name.endswith("qkv.bias"):
+                param.normal_(0.0, std)
+
+
+def test_fast_padded_window_attention_equals_naive_full_size():
+    torch.manual_seed(1)
+    attn = Attention3D(dim=768, num_heads=12, rel_pos_size=14, window_size=14)
+    _randomise(attn)
+    x = torch.randn(1, 8, 8, 8, 768)
+    with torch.no_grad():
+        attn.impl = "fast"
+        fast = attn(x)
+        attn.impl = "naive"
+        naive = attn(x)
+    assert fast.shape == (1, 8, 8, 8, 768)
+    assert (fast - naive).abs().max().item() <= 1e-4
+
+
+def test_padding_keys_change_the_output():
+    """Guard against a 'fast' path that silently ignores the padded keys."""
+    torch.manual_seed(2)
+    attn = Attention3D(dim=64, num_heads=2, rel_pos_size=14, window_size=14)
+    _randomise(attn)
+    x = torch.randn(2, 8, 8, 8, 64)
+    with torch.no_grad():
+        padded = attn(x)
+        attn.window_size = 0  # global attention over the real grid only, same tables (first rows)
+        attn.rel_pos_d.data, attn.rel_pos_h.data, attn.rel_pos_w.data = (
+            t[6:21].clone() for t in (attn.rel_pos_d, attn.rel_pos_h, attn.rel_pos_w)
+        )
+        unpadded = attn(x)
+    assert (padded - unpadded).abs().max().item() > 1e-2
+
+
+def test_whole_encoder_fast_equals_naive_full_size(full_backbone):
+    torch.manual_seed(3)
+    encoder = full_backbone.image_encoder
+    _randomise(encoder, std=0.1)
+    x = torch.randn(1, 1, 128, 128, 128)
+    with torch.no_grad():
+        encoder.set_attention_impl("fast")
+        fast = encoder(x)
+        encoder.set_attention_impl("naive")
+        naive = encoder(x)
+        encoder.set_attention_impl("fast")
+    assert fast.shape == (1, 384, 8, 8, 8)
+    assert (fast - naive).abs().max().item() <= 1e-4
+
+
+def _random_clicks(batch: int, num: int, size: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    points = torch.randint(0, size, (batch, num, 3), generator=gen).float()
+    labels = torch.randint(0, 2, (batch, num), generator=gen)
+    return points, labels
+
+
+@pytest.mark.parametrize("preset", ["tiny", "sam_med3d"])
+def test_sgpm_at_init_reproduces_backbone(preset):
+    torch.manual_seed(4)
+    backbone = build_sgp_sam(preset, sgpm=False).eval()
+    model = build_sgp_sam(preset, sgpm=True).eval()
+    model.load_state_dict(backbone.state_dict(), strict=False)
+    size = model.img_size
+    batch = 2 if preset == "tiny" else 1
+    images = torch.randn(batch, 1, size, size, size)
+    points, labels = _random_clicks(batch, 3, size, seed=5)
+    mask = torch.randn(batch, 1, *model.low_res_size)
+    with torch.no_grad():
+        ours, theirs = model.encode(images), backbone.encode(images)
+        assert torch.equal(ours, theirs)
+        for mask_input in (None, mask):
+            assert torch.equal(model.decode(ours, points, labels, mask_input)[0], backbone.decode(theirs, points, labels, mask_input)[0])
+    # Gates were evaluated and open at init (fusion ran), yet the output is unchanged: zero-initialised fusion.
+    assert all(stage.fusion_calls > 0 for stage in model.sgpm.stages.values())
+
+
+def test_gate_closed_skips_fusion_and_open_runs_it():
+    torch.manual_seed(6)
+    model = build_sgp_sam("tiny", sgpm=True)
+    # Make the fusion non-trivial so skipping it is visible in the output.
+    for stage in model.sgpm.stages.values():
+        torch.nn.init.normal_(stage.fusion.out_proj.weight, std=0.2)
+    images = torch.randn(2, 1, 64, 64, 64)
+    points, labels = _random_clicks(2, 1, 64, seed=7)
+    backbone = build_sgp_sam("tiny", sgpm=False)
+    backbone.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("sgpm.")})
+    model.eval(), backbone.eval()
+
+    def run(bias: float) -> torch.Tensor:
+        for stage in model.sgpm.stages.values():
+            stage.gate.decision_head.bias.data.fill_(bias)
+        model.sgpm.reset_counters()
+        with torch.no_grad():
+            return model(images, points, labels)
+
+    closed = run(-10.0)
+    assert all(stage.fusion_calls == 0 for stage in model.sgpm.stages.values())
+    with torch.no_grad():
+        assert torch.equal(closed, backbone(images, points, labels))
+    opened = run(10.0)
+    assert all(stage.fusion_calls == 2 for stage in model.sgpm.stages.values())
+    assert (opened - closed).abs().max().item() > 1e-4
+    # Soft gating in training mode always runs the block (gradients reach the gate).
+    model.train()
+    run(-10.0)
+    assert all(stage.fusion_calls == 2 for stage in model.sgpm.stages.values())
+
+
+def test_per_sample_hard_gate_mixes_open_and_closed_rows():
+    torch.manual_seed(8)
+    model = build_sgp_sam("tiny", sgpm=True, sgpm_stages=(2,)).eval()
+    stage = model.sgpm.stages["2"]
+    torch.nn.init.normal_(stage.fusion.out_proj.weight, std=0.2)
+    torch.nn.init.normal_(stage.gate.decision_head.weight, std=5.0)
+    images = torch.randn(6, 1, 64, 64, 64)
+    with torch.no_grad():
+        model.encode(images)
+        # Centre the decision logits on the threshold so about half the samples open the gate.
+        logits = torch.logit(stage.last_decision_prob).sort().values
+        stage.gate.decision_head.bias -= (logits[2] + logits[3]) / 2
+        emb_batch = model.encode(images)
+        probs = stage.last_decision_prob
+        emb_single = torch.cat([model.encode(images[i : i + 1]) for i in range(6)])
+    assert 0 < int((probs >= 0.5).sum()) < 6, "test needs a mix of open and closed gates"
+    assert torch.allclose(emb_batch, emb_single, atol=1e-4)
+
+
+def test_gate_open_mode_ignores_gate():
+    model = build_sgp_sam("tiny", sgpm=True, gate_mode="open").eval()
+    with torch.no_grad():
+        model.encode(torch.randn(1, 1, 64, 64, 64))
+    assert all(stage.fusion_calls == 1 for stage in model.sgpm.stages.values())
+    with pytest.raises(ValueError, match="gate_mode"):
+        build_sgp_sam("tiny", gate_mode="sometimes")
+
+
+def test_encode_once_decode_matches_forward_and_shares_embedding():
+    torch.manual_seed(9)
+    model = build_sgp_sam("tiny").eval()
+    images = torch.randn(1, 1, 64, 64, 64)
+    points, labels = _random_clicks(3, 2, 64, seed=10)
+    with torch.no_grad():
+        embedding = model.encode(images)
+        logits, iou = model.decode(embedding, points, labels)  # one embedding, three prompts
+        direct = model(images.expand(3, -1, -1, -1, -1), points, labels)
+        mask_only, _ = model.decode(embedding, mask_input=logits[:1])
+        multi, multi_iou = model.decode(embedding, points[:1], labels[:1], multimask_output=True)
+    assert embedding.shape == (1, 96, 8, 8, 8)
+    assert logits.shape == (3, 1, 32, 32, 32) and iou.shape == (3, 1)
+    assert torch.allclose(logits, direct, atol=1e-5)
+    assert mask_only.shape == (1, 1, 32, 32, 32)
+    assert multi.shape == (1, 3, 32, 32, 32) and multi_iou.shape == (1, 3)
+    assert model.upscale_logits(logits).shape == (3, 1, 64, 64, 64)
+
+
+def test_point_and_dense_encodings_follow_reference_axis_conventions():
+    """Points read as [axis0, axis1, axis2]; dense PE stacks [axis1, axis0, axis2] (SAM-Med3D quirk)."""
+    model = build_sgp_sam("sam_med3d", sgpm=False)
+    pe = model.prompt_encoder.pe_layer
+    dense = model.prompt_encoder.get_dense_pe()[0]  # (384, 8, 8, 8)
+    a, b, c = 1, 5, 3
+    # Voxel coordinate whose (v + 0.5) / 128 equals the centre of grid cell g: v = 16 g + 7.5.
+    centre = lambda g: 16 * g + 7.5  # noqa: E731
+    point = torch.tensor([[[centre(a), centre(b), centre(c)]]]) + 0.5
+    encoded = pe.forward_with_coords(point, (128, 128, 128))[0, 0]
+    assert torch.allclose(encoded, dense[:, b, a, c], atol=1e-5)  # swapped first two axes
+    assert not torch.allclose(encoded, dense[:, a, b, c], atol=1e-3)
+    # Sparse embeddings: N clicks + 1 padding point with the not-a-point embedding.
+    sparse, _ = model.prompt_encoder((point - 0.5, torch.tensor([[1]])), None)
+    assert sparse.shape == (1, 2, 384)
+    assert torch.allclose(sparse[0, 1], model.prompt_encoder.not_a_point_embed.weight[0])
+
+
+def test_frozen_encoder_policy_counts_and_groups():
+    model = build_sgp_sam("tiny", sgpm=True)
+    counts = set_trainable(model)
+    assert counts["image_encoder"]["trainable"] == 0
+    assert counts["image_encoder"]["total"] > 0
+    for group in ("prompt_encoder", "mask_decoder", "sgpm"):
+        assert counts[group]["trainable"] == counts[group]["total"] > 0
+    assert counts["all"]["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    groups = optimizer_param_groups(model, 1e-3, {"mask_decoder": 0.1}, weight_decay=0.1)
+    decoder_lrs = {g["lr"] for g in groups if g["name"].startswith("mask_decoder")}
+    assert len(decoder_lrs) == 1 and decoder_lrs.pop() == pytest.approx(1e-4)
+    assert not any(g["name"].startswith("image_encoder") for g in groups)
+    set_trainable(model, train_image_encoder=True)
+    assert count_parameters(model)["image_encoder"]["trainable"] == counts["image_encoder"]["total"]
