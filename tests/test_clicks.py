@@ -1,0 +1,257 @@
+"""Tests for bundle/scripts/clicks.py: training clicks, round schedule, evaluation clicks and metrics."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from scripts.clicks import (
+    InteractiveMetrics,
+    dice,
+    lesion_size_bin,
+    next_eval_click,
+    number_of_clicks,
+    sample_training_click,
+    summarise,
+    training_round_schedule,
+)
+
+
+# ------------------------------------------------------------------------------------------------ training clicks
+def test_training_click_inside_error_region_with_right_label():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        target = torch.rand(4, 1, 6, 7, 5, generator=gen) > 0.7
+        pred = torch.rand(4, 1, 6, 7, 5, generator=gen) > 0.7
+        points, labels = sample_training_click(pred, target, gen)
+        assert points.shape == (4, 1, 3) and points.dtype == torch.float32
+        assert labels.shape == (4, 1) and labels.dtype == torch.long
+        for b in range(4):
+            x, y, z = points[b, 0].long().tolist()
+            assert pred[b, 0, x, y, z] != target[b, 0, x, y, z], "click outside the error region"
+            assert labels[b, 0].item() == int(target[b, 0, x, y, z]), "label must be 1 for FN, 0 for FP"
+
+
+def test_training_click_is_uniform_over_error_voxels():
+    gen = torch.Generator().manual_seed(1)
+    target = torch.zeros(1, 1, 8, 8, 8, dtype=torch.bool)
+    pred = torch.zeros_like(target)
+    target[0, 0, 1, 2, 3] = True  # one FN voxel
+    pred[0, 0, 6, 5, 4] = True  # one FP voxel
+    pred_b, target_b = pred.expand(400, -1, -1, -1, -1), target.expand(400, -1, -1, -1, -1)
+    points, labels = sample_training_click(pred_b, target_b, gen)
+    fn = points[:, 0].long().eq(torch.tensor([1, 2, 3])).all(-1)
+    fp = points[:, 0].long().eq(torch.tensor([6, 5, 4])).all(-1)
+    assert (fn | fp).all()
+    assert 120 < fn.sum().item() < 280  # binomial(400, 0.5): ±8 sigma
+    assert (labels[:, 0] == fn.long()).all()
+
+
+def test_training_click_without_error():
+    gen = torch.Generator().manual_seed(2)
+    target = torch.zeros(2, 1, 5, 5, 5, dtype=torch.bool)
+    target[0, 0, 1:3, 2:4, 0:2] = True  # sample 0: solved lesion -> positive click inside it
+    pred = target.clone()  # sample 1: both empty -> negative click anywhere
+    for _ in range(20):
+        points, labels = sample_training_click(pred, target, gen)
+        x, y, z = points[0, 0].long().tolist()
+        assert target[0, 0, x, y, z] and labels[0, 0] == 1
+        assert labels[1, 0] == 0
+        assert ((points[1, 0] >= 0) & (points[1, 0] <= 4)).all()
+
+
+def test_training_click_on_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    target = torch.rand(2, 1, 16, 16, 16, device="cuda") > 0.5
+    pred = torch.rand(2, 1, 16, 16, 16, device="cuda") > 0.5
+    points, labels = sample_training_click(pred, target, gen)
+    assert points.device.type == "cuda" and labels.device.type == "cuda"
+
+
+def test_round_schedule():
+    seen = set()
+    for seed in range(300):
+        schedule = training_round_schedule(11, np.random.default_rng(seed))
+        assert len(schedule) == 11
+        mask_only = [i for i, fed in enumerate(schedule) if not fed]
+        assert len(mask_only) == 2 and mask_only[-1] == 10
+        assert 2 <= mask_only[0] <= 8  # 0-based index, as upstream's np.random.randint(2, 9)
+        assert schedule[0]  # the first round needs its click
+        seen.add(mask_only[0])
+    assert seen == set(range(2, 9))
+    schedule = training_round_schedule(11, random.Random(3))
+    assert schedule.count(False) == 2 and not schedule[-1]
+    assert training_round_schedule(1) == [True]
+
+
+# ------------------------------------------------------------------------------------------------ evaluation clicks
+def _brute_depth(region, spacing=(1.0, 1.0, 1.0)):
+    """Distance of every region voxel to the nearest non-region voxel, the crop border counted as outside."""
+    padded = np.pad(region, 1)
+    inside = np.argwhere(padded) * np.asarray(spacing)
+    outside = np.argwhere(~padded) * np.asarray(spacing)
+    d = np.sqrt(((inside[:, None, :] - outside[None, :, :]) ** 2).sum(-1)).min(1)
+    depth = np.zeros(padded.shape)
+    depth[tuple(np.argwhere(padded).T)] = d
+    return depth[1:-1, 1:-1, 1:-1]
+
+
+def _expected_deepest(region, spacing=(1.0, 1.0, 1.0)):
+    depth = _brute_depth(region, spacing)
+    best = depth.max()
+    flat = int(np.flatnonzero(np.isclose(depth.ravel(), best, rtol=0, atol=1e-9))[0])  # lowest flat index
+    return np.array(np.unravel_index(flat, region.shape)), best
+
+
+def test_first_click_dumbbell_goes_to_bigger_ball_centre():
+    grid = np.indices((30, 15, 15)).transpose(1, 2, 3, 0)
+    big = ((grid - [20, 7, 7]) ** 2).sum(-1) <= 36  # radius 6
+    small = ((grid - [6, 7, 7]) ** 2).sum(-1) <= 9  # radius 3
+    bar = np.zeros_like(big)
+    bar[6:21, 7, 7] = True
+    target = big | small | bar
+    point, label = next_eval_click(np.zeros_like(target), target)
+    assert label == 1
+    assert point.tolist() == [20, 7, 7]
+
+
+def test_first_click_l_shape_matches_brute_force():
+    target = np.zeros((16, 18, 8), dtype=bool)
+    target[2:14, 2:7, 1:7] = True
+    target[2:7, 2:16, 1:7] = True
+    point, label = next_eval_click(np.zeros_like(target), target)
+    expected, _ = _expected_deepest(target)
+    assert label == 1 and target[tuple(point)]
+    assert point.tolist() == expected.tolist()
+
+
+def test_first_click_touching_crop_border():
+    # slab filling the crop in y and z, from the x=0 face to x=5: the crop border must count as outside
+    target = np.zeros((10, 10, 10), dtype=bool)
+    target[0:6] = True
+    point, label = next_eval_click(np.zeros_like(target), target)
+    assert label == 1
+    assert point.tolist() == [2, 2, 2]  # depth 3 = min(x + 1, 6 - x, y + 1, 10 - y, z + 1, 10 - z), lowest index
+    assert point.tolist() == _expected_deepest(target)[0].tolist()
+
+
+@pytest.mark.parametrize("spacing", [None, (1.0, 2.0, 3.5)])
+def test_eval_click_random_blob_matches_brute_force(spacing):
+    rng = np.random.default_rng(4)
+    target = rng.random((9, 10, 8)) > 0.35
+    pred = rng.random((9, 10, 8)) > 0.6
+    result = next_eval_click(pred, target, spacing=spacing)
+    sp = (1.0, 1.0, 1.0) if spacing is None else spacing
+    fn_point, fn_best = _expected_deepest(target & ~pred, sp)
+    fp_point, fp_best = _expected_deepest(pred & ~target, sp)
+    expected = (fn_point, 1) if fn_best > fp_best + 1e-9 else (fp_point, 0)
+    assert result[1] == expected[1]
+    assert result[0].tolist() == expected[0].tolist()
+
+
+def test_eval_click_anisotropic_spacing_changes_the_answer():
+    # a 7x7x7 box: in voxels the centre is deepest; with thick z voxels depth is capped by x/y everywhere in z
+    target = np.zeros((9, 9, 9), dtype=bool)
+    target[1:8, 1:8, 1:8] = True
+    iso, _ = next_eval_click(np.zeros_like(target), target)
+    aniso, _ = next_eval_click(np.zeros_like(target), target, spacing=(1.0, 1.0, 5.0))
+    assert iso.tolist() == [4, 4, 4]
+    assert aniso.tolist() == [4, 4, 1]  # every z slice has x/y depth 4: lowest flat index wins
+
+
+def test_next_click_fn_larger():
+    target = np.zeros((20, 20, 20), dtype=bool)
+    target[2:12, 2:12, 2:12] = True
+    pred = np.zeros_like(target)
+    pred[2:12, 2:12, 2:6] = True  # FN slab 10x10x6 remains (depth 3)
+    pred[15:17, 15:17, 15:17] = True  # small FP cube (depth 1)
+    point, label = next_eval_click(pred, target)
+    assert label == 1
+    assert target[tuple(point)] and not pred[tuple(point)]
+
+
+def test_next_click_fp_larger():
+    target = np.zeros((20, 20, 20), dtype=bool)
+    target[2:8, 2:8, 2:8] = True
+    pred = target.copy()
+    pred[2, 2, 2] = False  # single FN voxel (depth 1)
+    pred[10:18, 10:18, 10:18] = True  # FP cube 8³ (depth 4)
+    point, label = next_eval_click(pred, target)
+    assert label == 0
+    assert point.tolist() == [13, 13, 13]  # lowest flat index among the eight central voxels
+
+
+def test_next_click_tie_goes_to_fp_and_no_error_is_none():
+    target = np.zeros((8, 8, 8), dtype=bool)
+    pred = np.zeros_like(target)
+    target[1, 1, 1] = True
+    pred[5, 5, 5] = True
+    assert next_eval_click(pred, target)[1] == 0  # equal depth: FN must be strictly larger (RITM)
+    assert next_eval_click(target, target) is None
+    assert next_eval_click(np.zeros_like(target), np.zeros_like(target)) is None
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def test_dice():
+    a = np.zeros((4, 4, 4), dtype=bool)
+    b = np.zeros_like(a)
+    assert dice(a, b) == 1.0
+    b[0, 0, 0] = True
+    assert dice(b, a) == 0.0  # false positive on an empty target
+    assert dice(a, b) == 0.0
+    a[0, 0, 0:2] = True
+    assert dice(a, b) == pytest.approx(2 * 1 / (2 + 1))
+    assert dice(torch.as_tensor(a), torch.as_tensor(a)) == 1.0
+    assert InteractiveMetrics.dice(a, b) == dice(a, b)
+
+
+def test_number_of_clicks():
+    assert number_of_clicks([0.5, 0.86, 0.95], 0.85) == 2
+    assert number_of_clicks([0.5, 0.86, 0.95], 0.90) == 3
+    assert number_of_clicks([0.9], 0.9) == 1  # reaching the threshold exactly counts
+    assert number_of_clicks([0.1] * 25, 0.85) == 20
+    assert number_of_clicks([0.1] * 20 + [0.99], 0.85) == 20  # success after the cap does not count
+    assert number_of_clicks([], 0.85, max_clicks=7) == 7
+    with pytest.raises(ValueError):
+        number_of_clicks([0.9], 85)
+
+
+def test_lesion_size_bin_edges():
+    # d = (6 V / pi)^(1/3): 523 voxels of 1 mm³ -> 9.996 mm, 524 -> 10.003 mm
+    assert lesion_size_bin(523, 1.0) == "<10mm"
+    assert lesion_size_bin(524, 1.0) == "10-30mm"
+    # 30 mm: V = 4500 pi = 14137.2 mm³
+    assert lesion_size_bin(14137, (1.0, 1.0, 1.0)) == "10-30mm"
+    assert lesion_size_bin(14138, (1.0, 1.0, 1.0)) == ">30mm"
+    # 1.5 mm isotropic: 3.375 mm³ per voxel, 155 voxels -> 523.1 mm³ -> 9.995 mm
+    assert lesion_size_bin(155, 1.5) == "<10mm"
+    assert lesion_size_bin(156, (1.5, 1.5, 1.5)) == "10-30mm"
+    assert lesion_size_bin(0, 1.0) == "<10mm"
+
+
+def test_summarise_by_hand():
+    records = [
+        {"dice": [0.5, 0.7, 0.8, 0.86, 0.9], "size_bin": "<10mm"},  # shorter than 10: carries 0.9 forward
+        {"dice": [0.9] + [0.95] * 19, "size_bin": "<10mm"},
+        {"dice": [0.2] * 20, "num_voxels": 20000, "spacing": 1.0},  # d = 33.7 mm -> ">30mm"
+    ]
+    out = summarise(records)
+    assert set(out) == {"overall", "<10mm", "10-30mm", ">30mm"}
+    overall = out["overall"]
+    assert overall["dice@1"]["mean"] == pytest.approx((0.5 + 0.9 + 0.2) / 3)
+    assert overall["dice@1"]["n"] == 3
+    m = (0.5 + 0.9 + 0.2) / 3
+    assert overall["dice@1"]["std"] == pytest.approx(math.sqrt(((0.5 - m) ** 2 + (0.9 - m) ** 2 + (0.2 - m) ** 2) / 3))
+    assert overall["dice@3"]["mean"] == pytest.approx((0.8 + 0.95 + 0.2) / 3)
+    assert overall["dice@10"]["mean"] == pytest.approx((0.9 + 0.95 + 0.2) / 3)
+    # NoC@85: 4, 1, 20; NoC@90: 5, 1, 20
+    assert overall["noc@85"]["mean"] == pytest.approx(25 / 3)
+    assert overall["noc@90"]["mean"] == pytest.approx(26 / 3)
+    small = out["<10mm"]
+    assert small["dice@5"]["mean"] == pytest.approx((0.9 + 0.95) / 2) and small["dice@5"]["n"] == 2
+    assert small["noc@90"]["mean"] == 3.0 and small["noc@90"]["std"] == 2.0
+    assert out[">30mm"]["noc@85"]["mean"] == 20.0 and out[">30mm"]["noc@85"]["std"] == 0.0
+    assert out["10-30mm"]["dice@1"]["n"] == 0 and math.isnan(out["10-30mm"]["dice@1"]["mean"])
