@@ -1,0 +1,107 @@
+"""Click rounds on one encoded crop: SAM-Med3D's training protocol and the deterministic evaluation protocol.
+
+Both feed, each round, only the NEW click(s) together with the previous round's low-res logits as the mask prompt
+(round one: an all-zero mask prompt), which is how SAM-Med3D was trained and evaluated. Training, validation,
+evaluation, inference and the MONAI Label app all go through these functions so they stay consistent.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .clicks import dice, next_eval_click, sample_training_click, training_round_schedule
+
+
+def initial_mask_prompt(network, batch: int, device) -> torch.Tensor:
+    """All-zero low-res mask prompt of round one, (B, 1, X/4... ) as SAM-Med3D feeds it."""
+    return torch.zeros((batch, 1, *network.low_res_size), device=device)
+
+
+def training_rounds(
+    network,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    num_rounds: int = 11,
+    rng: random.Random | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Simulated interactive rounds with the loss summed over rounds.
+
+    Args:
+        images: (B, 1, S, S, S) normalised crops.
+        targets: (B, 1, S, S, S) binary lesion masks.
+        loss_fn: loss on full-resolution logits vs targets.
+
+    Returns:
+        (summed loss, last round's full-resolution logits).
+    """
+    embeddings = network.encode(images)
+    prev_logits = initial_mask_prompt(network, images.shape[0], images.device)
+    target_bool = targets > 0.5
+    total = images.new_zeros(())
+    logits = None
+    for feed_points in training_round_schedule(num_rounds, rng):
+        with torch.no_grad():
+            pred = torch.zeros_like(target_bool) if logits is None else logits.detach() > 0
+            points, labels = sample_training_click(pred, target_bool, generator)
+        if feed_points:
+            low_res, _ = network.decode(embeddings, points, labels, prev_logits)
+        else:
+            low_res, _ = network.decode(embeddings, mask_input=prev_logits)
+        logits = network.upscale_logits(low_res, images.shape[2:])
+        total = total + loss_fn(logits.float(), targets.float())
+        prev_logits = low_res.detach()  # no gradient through earlier rounds (memory), as in VISTA3D-style training
+    return total, logits
+
+
+@torch.no_grad()
+def evaluation_clicks(
+    network,
+    image: torch.Tensor,
+    target: np.ndarray,
+    num_clicks: int,
+    spacing: tuple[float, float, float] | None = None,
+    embedding: torch.Tensor | None = None,
+    keep_masks_at: Sequence[int] = (),
+) -> dict:
+    """Deterministic click protocol on one crop: deepest point of the larger error region each round.
+
+    Args:
+        image: (1, 1, S, S, S) normalised crop on the network's device.
+        target: (S, S, S) bool lesion mask of this crop.
+        num_clicks: clicks to simulate (stops early once the prediction is perfect; later Dice = last one).
+        embedding: cached ``network.encode(image)`` if available.
+        keep_masks_at: click counts k whose masks to return in ``"masks_at"`` (the last mask if stopped earlier).
+
+    Returns:
+        {"dice": [Dice after click 1..k], "mask": final (S, S, S) bool, "low_res_logits": last (1, 1, ...),
+         "points": [(i, j, k)], "labels": [0/1], "masks_at": {k: (S, S, S) bool}}
+    """
+    target = np.asarray(target, dtype=bool)
+    embedding = network.encode(image) if embedding is None else embedding
+    prev_logits = initial_mask_prompt(network, 1, image.device)
+    pred = np.zeros_like(target)
+    result = {"dice": [], "points": [], "labels": [], "mask": pred, "low_res_logits": prev_logits, "masks_at": {}}
+    for _ in range(num_clicks):
+        click = next_eval_click(pred, target, spacing)
+        if click is None:
+            break
+        point, label = click
+        points = torch.as_tensor(np.asarray(point, dtype=np.float32)[None, None], device=image.device)
+        labels = torch.as_tensor([[int(label)]], device=image.device)
+        prev_logits, _ = network.decode(embedding, points, labels, prev_logits)
+        pred = (network.upscale_logits(prev_logits.float(), target.shape) > 0)[0, 0].cpu().numpy()
+        result["dice"].append(float(dice(pred, target)))
+        result["points"].append(tuple(int(p) for p in point))
+        result["labels"].append(int(label))
+        if len(result["dice"]) in keep_masks_at:
+            result["masks_at"][len(result["dice"])] = pred
+    for k in keep_masks_at:
+        result["masks_at"].setdefault(k, pred)
+    result.update(mask=pred, low_res_logits=prev_logits)
+    return result
