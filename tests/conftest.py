@@ -8,7 +8,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_ROOT = REPO_ROOT / "bundle"
-for path in (str(BUNDLE_ROOT), str(REPO_ROOT)):
+for path in (str(REPO_ROOT), str(BUNDLE_ROOT)):  # bundle first: its package is `scripts`
     if path not in sys.path:
         sys.path.insert(0, path)
 
