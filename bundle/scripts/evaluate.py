@@ -1,0 +1,298 @@
+"""Interactive-segmentation evaluation by the literature's click protocol, per lesion (bundle ``evaluating``).
+
+Protocol (deterministic; /work/shared/reference/sam_med3d.md, "Click protocol"):
+    * every test case is preprocessed like training (RAS, ``spacing`` mm, channel / CT clamp / target label);
+    * every lesion = connected component (26-connectivity) of the target label in the RESAMPLED label is a separate
+      target: an ``S``³ crop (``S = network.img_size``) centred on its bounding box, z-normalised like training;
+      the target is that component only (other lesions in the crop count as background);
+    * :func:`scripts.click_rounds.evaluation_clicks` simulates up to ``max_clicks`` clicks (first click: deepest
+      point of the lesion; then the deepest point of the larger error region), each round feeding the new click and
+      the previous low-res logits;
+    * Dice@k (k = 1, 3, 5, 10) and NoC@85/90 (capped at ``max_clicks``) per lesion; a curve that stopped early (no
+      error left) carries its last value forward;
+    * size bins by equivalent-sphere diameter of the WHOLE lesion (< 10 mm, 10-30 mm, > 30 mm);
+    * whole-volume Dice per case: the per-lesion masks after ``whole_volume_clicks`` clicks pasted back into the
+      resampled volume (union) vs the resampled label.
+Lesions larger than the crop are evaluated within their lesion-centred crop only (the part of the lesion inside
+the crop is the target; ``truncated`` = 1 in the CSV); no sliding-window extension, as in the SAM-Med3D protocol.
+
+Outputs in ``output_dir``: ``per_lesion.csv``, ``summary.json``, ``dice_vs_clicks.png``; a Markdown table is printed.
+
+CLI::
+
+    python -m monai.bundle run evaluating \\
+        --config_file "['bundle/configs/train.json','bundle/configs/evaluate.json']" --preset tiny --roi_size 64
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, load_weights
+from .click_rounds import evaluation_clicks
+from .clicks import SIZE_BINS, dice, lesion_size_bin, number_of_clicks, summarise
+from .transforms import crop_at, get_preprocess_transforms, lesion_components, load_datalist, normalise_crop, paste_crop
+
+__all__ = ["evaluate_dataset", "format_markdown_table", "run_evaluation"]
+
+logger = logging.getLogger("sgpsam.evaluate")
+
+DICE_KS = (1, 3, 5, 10)
+NOC_THRESHOLDS = (0.85, 0.90)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.as_tensor() if hasattr(t, "as_tensor") else t
+
+
+def _as_datalist(datalist: Any, split: str) -> list[dict]:
+    """A list of {"image", "label"} dicts, from a list, an MSD dataset.json path, or a dict of split lists."""
+    if isinstance(datalist, (str, os.PathLike)):
+        return load_datalist(datalist, split)
+    if isinstance(datalist, Mapping):
+        if split not in datalist:
+            raise KeyError(f"datalist has no '{split}' split (keys: {sorted(datalist)})")
+        return list(datalist[split])
+    return list(datalist)
+
+
+def _equivalent_diameter(num_voxels: int, spacing: float) -> float:
+    return (6.0 * num_voxels * spacing**3 / math.pi) ** (1.0 / 3.0)
+
+
+def _carry(curve: Sequence[float], n: int) -> list[float]:
+    """Dice after clicks 1..n, the last value carried forward (stopped early = no error left)."""
+    curve = list(curve)
+    return curve[:n] + [curve[-1]] * max(0, n - len(curve))
+
+
+@torch.no_grad()
+def evaluate_dataset(
+    network: torch.nn.Module,
+    datalist: Any,
+    output_dir: str | os.PathLike,
+    max_clicks: int = 20,
+    spacing: float = 1.5,
+    target_label: int | Sequence[int] | None = 1,
+    image_channel: int | None = None,
+    ct_clamp: bool = False,
+    device: str | torch.device | None = None,
+    whole_volume_clicks: int = 5,
+    connectivity: int = 3,
+    split: str = "test",
+    print_table: bool = True,
+    plot: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``network`` lesion by lesion with the deterministic click protocol (module docstring).
+
+    Args:
+        network: SGP-SAM / SAM-Med3D model (``encode``/``decode``/``img_size``); set to eval mode here.
+        datalist: list of {"image", "label"} (paths), an MSD ``dataset.json`` path, or a dict of splits (``split``).
+        output_dir: where the CSV, JSON and PNG go (created).
+        max_clicks: clicks per lesion (NoC cap; literature: 20).
+        device: defaults to the network's device.
+        whole_volume_clicks: click count whose masks are merged for the whole-volume Dice.
+
+    Returns:
+        {"metrics": clicks.summarise(...) ({"overall" | size bin: {"dice@k" | "noc@T": {"mean", "std", "n"}}}),
+         "mean_dice@5": float, "whole_volume_dice": {"mean", "std", "n", "clicks"}, "dice_curve": {group: [mean Dice
+         after 1..max_clicks]}, "num_cases", "num_lesions", "skipped_lesions", "max_clicks", "crop_size", "spacing"}
+    """
+    items = _as_datalist(datalist, split)
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device) if device is not None else next(network.parameters()).device
+    network = network.to(device).eval()
+    crop = int(network.img_size)
+    keep = min(int(whole_volume_clicks), int(max_clicks))
+    preprocess = get_preprocess_transforms(target_label, image_channel, ct_clamp, spacing)
+
+    records: list[dict[str, Any]] = []
+    whole: list[float] = []
+    skipped = 0
+    for case_idx, item in enumerate(items):
+        data = preprocess({"image": item["image"], "label": item["label"]})
+        image, label = data["image"], data["label"]
+        comps, sizes, bboxes = lesion_components(label, connectivity)
+        shape = tuple(int(s) for s in label.shape[1:])
+        merged = torch.zeros((1, *shape), dtype=torch.bool)
+        case = Path(str(item["image"])).name
+        for k in range(len(sizes)):
+            lo, hi = bboxes[k]
+            start = np.floor((lo + hi) / 2.0 + 0.5).astype(np.int64) - crop // 2  # as LesionCropd
+            img = _plain(normalise_crop(crop_at(image, start, crop)))[None].to(device, torch.float32)
+            lesion = torch.as_tensor(comps == k + 1)[None].float()
+            target = _plain(crop_at(lesion, start, crop))[0].numpy() > 0.5
+            if not target.any():
+                skipped += 1  # pathological shape with no voxel in its own centred crop
+                logger.warning("%s lesion %d: no voxel inside its centred crop, skipped", case, k)
+                continue
+            res = evaluation_clicks(network, img, target, max_clicks, spacing=(spacing,) * 3, keep_masks_at=(keep,))
+            mask_k = torch.as_tensor(res["masks_at"][keep])[None]
+            merged |= paste_crop(mask_k, start, shape).bool()
+            curve = _carry(res["dice"], max_clicks)
+            records.append(
+                {
+                    "case": case,
+                    "case_index": case_idx,
+                    "lesion": k,
+                    "num_voxels": int(sizes[k]),
+                    "voxels_in_crop": int(target.sum()),
+                    "equivalent_diameter_mm": _equivalent_diameter(int(sizes[k]), spacing),
+                    "size_bin": lesion_size_bin(int(sizes[k]), spacing),
+                    "truncated": int(target.sum()) < int(sizes[k]),
+                    "crop_start": [int(v) for v in start],
+                    "clicks_used": len(res["dice"]),
+                    "dice": curve,
+                }
+            )
+        if len(sizes):
+            whole.append(dice(merged[0], label[0] > 0.5))
+
+    metrics = summarise(records, ks=DICE_KS, noc_thresholds=NOC_THRESHOLDS, max_clicks=max_clicks) if records else {}
+    curves = {
+        "overall": [r["dice"] for r in records],
+        **{b: [r["dice"] for r in records if r["size_bin"] == b] for b in SIZE_BINS},
+    }
+    mean_curves = {g: np.mean(c, axis=0).tolist() if c else [] for g, c in curves.items()}
+    whole_arr = np.asarray(whole, dtype=float)
+    summary: dict[str, Any] = {
+        "metrics": metrics,
+        "mean_dice@5": metrics["overall"]["dice@5"]["mean"] if records else float("nan"),
+        "whole_volume_dice": {
+            "mean": float(whole_arr.mean()) if whole else float("nan"),
+            "std": float(whole_arr.std()) if whole else float("nan"),
+            "n": len(whole),
+            "clicks": keep,
+        },
+        "dice_curve": mean_curves,
+        "num_cases": len(items),
+        "num_lesions": len(records),
+        "skipped_lesions": skipped,
+        "max_clicks": int(max_clicks),
+        "crop_size": crop,
+        "spacing": float(spacing),
+    }
+    _write_csv(records, out_dir / "per_lesion.csv", max_clicks)
+    (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=1))
+    if plot:
+        _plot(mean_curves, {g: len(c) for g, c in curves.items()}, out_dir / "dice_vs_clicks.png")
+    if print_table:
+        print(format_markdown_table(summary))
+    return summary
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN -> None so summary.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _write_csv(records: list[dict], path: Path, max_clicks: int) -> None:
+    fields = ["case", "lesion", "num_voxels", "voxels_in_crop", "equivalent_diameter_mm", "size_bin", "truncated"]
+    fields += ["crop_start", "clicks_used", *[f"dice@{k}" for k in DICE_KS]]
+    fields += [f"noc@{round(t * 100)}" for t in NOC_THRESHOLDS] + ["dice_curve"]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for r in records:
+            row = {f: r[f] for f in fields[:9]}
+            row["equivalent_diameter_mm"] = f"{r['equivalent_diameter_mm']:.2f}"
+            row["truncated"] = int(r["truncated"])
+            row["crop_start"] = " ".join(str(v) for v in r["crop_start"])
+            for k in DICE_KS:
+                row[f"dice@{k}"] = f"{r['dice'][min(k, len(r['dice'])) - 1]:.4f}"
+            for t in NOC_THRESHOLDS:
+                row[f"noc@{round(t * 100)}"] = number_of_clicks(r["dice"], t, max_clicks)
+            row["dice_curve"] = " ".join(f"{v:.4f}" for v in r["dice"])
+            writer.writerow(row)
+    os.replace(tmp, path)
+
+
+def _plot(mean_curves: dict[str, list[float]], counts: dict[str, int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for group, curve in mean_curves.items():
+        if curve:
+            ax.plot(
+                range(1, len(curve) + 1),
+                curve,
+                marker="o",
+                ms=3,
+                lw=2 if group == "overall" else 1,
+                label=f"{group} (n={counts[group]})",
+            )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("clicks")
+    ax.set_ylabel("mean Dice")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title("Dice vs clicks (per lesion)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_markdown_table(summary: Mapping[str, Any]) -> str:
+    """Markdown table: group, n, Dice@1/3/5/10 (%), NoC@85/90; plus the whole-volume Dice line."""
+    metrics = summary.get("metrics") or {}
+    head = ["group", "n", *[f"Dice@{k} (%)" for k in DICE_KS], *[f"NoC@{round(t * 100)}" for t in NOC_THRESHOLDS]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for group in ("overall", *SIZE_BINS):
+        row = metrics.get(group)
+        if row is None:
+            continue
+        n = row[f"dice@{DICE_KS[0]}"]["n"]
+        dices = [row[f"dice@{k}"]["mean"] * 100 for k in DICE_KS]
+        nocs = [row[f"noc@{round(t * 100)}"]["mean"] for t in NOC_THRESHOLDS]
+        cells = [group, str(n)] + [("-" if math.isnan(v) else f"{v:.2f}") for v in dices]
+        cells += [("-" if math.isnan(v) else f"{v:.2f}") for v in nocs]
+        lines.append("| " + " | ".join(cells) + " |")
+    wv = summary.get("whole_volume_dice", {})
+    if wv.get("n"):
+        lines.append(
+            f"\nWhole-volume Dice after {wv['clicks']} clicks per lesion: {wv['mean'] * 100:.2f} % "
+            f"(n = {wv['n']} cases)"
+        )
+    return "\n".join(lines)
+
+
+def run_evaluation(
+    network: torch.nn.Module,
+    ckpt_path: str | os.PathLike | None,
+    datalist: Any,
+    output_dir: str | os.PathLike,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Bundle entry: load ``ckpt_path`` (None/"null" = evaluate the network as given) then :func:`evaluate_dataset`."""
+    if ckpt_path is not None and str(ckpt_path).strip().lower() not in ("", "none", "null"):
+        if not os.path.isfile(os.fspath(ckpt_path)):
+            raise CheckpointError(f"checkpoint not found: {ckpt_path} (train first or pass --ckpt_path)")
+        load_weights(network, ckpt_path)
+    else:
+        logger.warning("ckpt_path is null: evaluating the network's current weights")
+    summary = evaluate_dataset(network, datalist, output_dir, **kwargs)
+    print(f"mean Dice after 5 clicks: {summary['mean_dice@5']:.4f} ({summary['num_lesions']} lesions)")
+    return summary

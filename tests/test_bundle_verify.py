@@ -1,0 +1,229 @@
+"""Bundle metadata and MONAI's bundle tools: verify_metadata (offline schema copy), verify_net_in_out, the logging
+config under MONAI 1.6's restricted rules, ckpt_export (TorchScript) status and the torch.export route."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "bundle" / "configs"
+META = CONFIGS / "metadata.json"
+SCHEMA = REPO_ROOT / "bundle" / "docs" / "meta_schema.json"
+LOGGING = CONFIGS / "logging.conf"
+TINY = "['bundle/configs/train.json','configs/cpu_tiny.json']"
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT / "bundle"), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def _bundle_cli(*args, timeout=300):
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args],
+        cwd=REPO_ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    from scripts.synthetic_data import generate_dataset
+
+    root = tmp_path_factory.getbasetemp() / "synthetic_4_2_2"
+    generate_dataset(root, num_train=4, num_val=2, num_test=2)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------------------
+# metadata
+# ------------------------------------------------------------------------------------------------------------
+def test_verify_metadata_offline():
+    code, log = _bundle_cli("verify_metadata", "--meta_file", str(META), "--filepath", str(SCHEMA))
+    assert code == 0, log[-3000:]
+    assert "skipped downloading" in log  # the repository copy is used: no network access
+    assert "metadata is verified with no error" in log
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        lambda m: m.pop("network_data_format"),
+        lambda m: m.pop("required_packages_version"),
+        lambda m: m["network_data_format"]["inputs"]["image"].pop("value_range"),
+        lambda m: m["network_data_format"]["outputs"]["pred"].update(num_channels="one"),
+    ],
+)
+def test_schema_copy_rejects_incomplete_metadata(tmp_path, broken):
+    from monai.bundle import verify_metadata
+
+    meta = json.loads(META.read_text())
+    bad = copy.deepcopy(meta)
+    broken(bad)
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="Failed validating"):
+        verify_metadata(meta_file=str(tmp_path / "bad.json"), filepath=str(SCHEMA))
+
+
+def test_metadata_matches_the_bundle():
+    meta = json.loads(META.read_text())
+    train = json.loads((CONFIGS / "train.json").read_text())
+    image = meta["network_data_format"]["inputs"]["image"]
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert image["spatial_shape"] == [train["roi_size"]] * 3 and image["num_channels"] == 1
+    assert pred["spatial_shape"] == [train["roi_size"] // 4] * 3 and pred["num_channels"] == 1
+    assert meta["monai_version"] == "1.6.1" and meta["pytorch_version"] == "2.14.1"
+    assert meta["schema"].startswith("https://") and meta["schema"].endswith(".json")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# network input / output
+# ------------------------------------------------------------------------------------------------------------
+def test_verify_net_in_out_tiny_cli():
+    code, log = _bundle_cli(
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        str(META),
+        "--config_file",
+        TINY,
+        "--device",
+        "cpu",
+        "--_meta_#network_data_format#inputs#image#spatial_shape",
+        "[64,64,64]",
+    )
+    assert code == 0, log[-3000:]
+    assert "data shape of network is verified with no error" in log
+
+
+@pytest.mark.parametrize("overlays, side", [(["configs/cpu_tiny.json"], 64), ([], 128)])
+def test_network_output_shape_matches_metadata(overlays, side):
+    """verify_net_in_out checks channels and dtype; this also checks the low-res output shape (S/4 for S=128)."""
+    from monai.bundle import ConfigParser, verify_net_in_out
+
+    configs = [str(CONFIGS / "train.json"), *[str(REPO_ROOT / o) for o in overlays]]
+    shape = {"_meta_#network_data_format#inputs#image#spatial_shape": [side] * 3}
+    verify_net_in_out(net_id="network_def", meta_file=str(META), config_file=configs, device="cpu", **shape)
+    parser = ConfigParser()
+    parser.read_config(configs)
+    parser.read_meta(str(META))
+    net = parser.get_parsed_content("network_def").eval()
+    with torch.no_grad():
+        out = net(torch.rand(1, 1, side, side, side))
+    assert list(out.shape[2:]) == parser["_meta_#network_data_format#outputs#pred#spatial_shape"] == [32, 32, 32]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# logging.conf
+# ------------------------------------------------------------------------------------------------------------
+def test_logging_conf_passes_monai_restrictions():
+    from monai.bundle.workflows import _reject_executable_logging_config
+
+    assert "[handler_consoleHandler]" in _reject_executable_logging_config(str(LOGGING))
+
+
+def test_training_run_with_logging_file(tmp_path, tiny_dataset):
+    code, log = _bundle_cli(
+        "run", "training", "--config_file", TINY, "--logging_file", str(LOGGING),
+        "--max_epochs", "1", "--iterations_per_epoch", "1",
+        "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "runs"), "--dataset_dir", str(tiny_dataset),
+    )  # fmt: skip
+    assert code == 0, log[-4000:]
+    assert f"Setting logging properties based on config: {LOGGING}" in log
+    assert "train_loss" in log
+    assert (tmp_path / "models" / "checkpoint_epoch=1.pt").is_file()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# export
+# ------------------------------------------------------------------------------------------------------------
+def _tiny_network(seed=0):
+    from scripts.modeling import build_sgp_sam
+
+    torch.manual_seed(seed)
+    net = build_sgp_sam("tiny", img_size=64)
+    stages = list(net.sgpm.stages.values())
+    for stage in stages:  # give the fusion blocks an effect (they are zero-initialised)
+        torch.nn.init.normal_(stage.fusion.out_proj.weight, std=0.2)
+    # one gate shut, one open: the hard gate must behave the same in the exported program
+    torch.nn.init.constant_(stages[0].gate.decision_head.bias, -8.0)
+    torch.nn.init.constant_(stages[1].gate.decision_head.bias, 8.0)
+    return net.eval()
+
+
+def test_ckpt_export_torchscript_status(tmp_path):
+    """TorchScript export of network_def: either it works (then it must match eager) or it fails for the reason
+    bundle/docs/README.md documents (torch.jit.script cannot compile the encoder)."""
+    from monai.bundle import ckpt_export
+
+    net = _tiny_network()
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    target = tmp_path / "model.ts"
+    try:
+        ckpt_export(
+            net_id="network_def",
+            filepath=str(target),
+            ckpt_file=str(tmp_path / "model.pt"),
+            meta_file=str(META),
+            config_file=[str(CONFIGS / "train.json"), str(REPO_ROOT / "configs" / "cpu_tiny.json")],
+        )
+    except RuntimeError as err:
+        assert "Expected a value of type" in str(err) or "torch.jit" in str(err) or "script" in str(err).lower()
+        readme = (REPO_ROOT / "bundle" / "docs" / "README.md").read_text()
+        assert "torch.jit.script" in readme and "scripts.export" in readme
+        assert not target.exists()
+    else:
+        ts = torch.jit.load(str(target))
+        x = torch.rand(1, 1, 64, 64, 64)
+        torch.testing.assert_close(ts(x), net(x))
+
+
+def test_torch_export_matches_eager(tmp_path):
+    from scripts.export import compare_with_eager, export_encoder_decoder, load_exported
+
+    net = _tiny_network()
+    paths = export_encoder_decoder(net, tmp_path / "exported", max_points=8)
+    assert all(p.is_file() for p in paths.values())
+    info = json.loads(paths["info"].read_text())
+    assert info["low_res_shape"] == [1, 1, 32, 32, 32] and info["img_size"] == 64
+
+    # the eager model really has one gate shut and one open on this kind of input
+    net.sgpm.reset_counters()
+    with torch.no_grad():
+        net.encode(torch.randn(1, 1, 64, 64, 64))
+    assert [s.fusion_calls for s in net.sgpm.stages.values()] == [0, 1]
+
+    diffs = compare_with_eager(net, tmp_path / "exported", num_points=(1, 3, 8))
+    assert max(diffs.values()) <= 1e-5, diffs
+
+    encode, decode = load_exported(tmp_path / "exported")
+    emb = encode(torch.randn(1, 1, 64, 64, 64))
+    with pytest.raises(Exception):  # beyond the exported dynamic range of clicks
+        decode(emb, torch.zeros(1, 9, 3), torch.ones(1, 9, dtype=torch.long), torch.zeros(1, 1, 32, 32, 32))
+
+
+def test_export_cli(tmp_path):
+    from scripts.checkpoint import save_sgp_sam_checkpoint
+    from scripts.export import main
+
+    net = _tiny_network(seed=1)
+    save_sgp_sam_checkpoint(net, tmp_path / "model.pt")
+    result = main(
+        ["--config_file", f"['{CONFIGS / 'train.json'}','{REPO_ROOT / 'configs' / 'cpu_tiny.json'}']",
+         "--ckpt_file", str(tmp_path / "model.pt"), "--output_dir", str(tmp_path / "out"), "--max_points", "4"]
+    )  # fmt: skip
+    assert (tmp_path / "out" / "encode.pt2").is_file() and (tmp_path / "out" / "decode.pt2").is_file()
+    assert max(result["diffs"].values()) <= 1e-5
