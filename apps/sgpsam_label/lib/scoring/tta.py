@@ -1,0 +1,84 @@
+"""MONAI Label ``ScoringMethod`` that writes the TTA-disagreement uncertainty of every unlabeled image."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+
+from ..model import NetworkLoader
+from ..settings import AppSettings
+from .uncertainty import SCORE_KEY, image_uncertainty
+
+logger = logging.getLogger(__name__)
+
+
+class TTAUncertaintyScoring(ScoringMethod):
+    """Scores unlabeled images whose score is missing or was computed with other weights.
+
+    Writes ``image info[SCORE_KEY] = {"score", "model", "ts", "per_candidate", "candidates", "members"}`` through
+    the datastore API (the :class:`~lib.strategies.uncertainty.HighestUncertainty` strategy reads it).
+    Request options: ``max_samples`` (0 = all), ``force`` (re-score everything).
+    """
+
+    def __init__(self, settings: AppSettings, loader: NetworkLoader, key: str = SCORE_KEY) -> None:
+        super().__init__(
+            "SGP-SAM uncertainty: 1 - mean pairwise Dice of one-click proposals under flip test-time augmentation"
+        )
+        self.settings = settings
+        self.loader = loader
+        self.key = key
+
+    def __call__(self, request, datastore: Datastore):
+        loaded = self.loader.get()
+        images = datastore.get_unlabeled_images()
+        force = str(request.get("force", "false")).lower() in ("1", "true", "yes")
+        todo = []
+        for image_id in sorted(images):
+            previous = datastore.get_image_info(image_id).get(self.key)
+            if force or not isinstance(previous, dict) or previous.get("model") != loaded.version:
+                todo.append(image_id)
+        max_samples = int(request.get("max_samples", 0) or 0)
+        todo = todo[:max_samples] if max_samples > 0 else todo
+
+        threads = torch.get_num_threads()
+        if self.settings.device == "cpu":
+            torch.set_num_threads(max(1, threads // 2))  # leave CPU to the interactive requests
+        t0 = time.time()
+        done, failed = [], {}
+        try:
+            for image_id in todo:
+                try:
+                    result = image_uncertainty(
+                        loaded.network,
+                        datastore.get_image_uri(image_id),
+                        spacing=self.settings.spacing,
+                        image_channel=self.settings.image_channel,
+                        ct_clamp=self.settings.ct_clamp,
+                        num_candidates=self.settings.uncertainty_candidates,
+                        flip_axes=self.settings.uncertainty_flips,
+                        device=self.settings.device,
+                    )
+                except Exception as err:  # one unreadable image must not stop the others
+                    failed[image_id] = str(err).splitlines()[0] if str(err) else type(err).__name__
+                    logger.warning(f"SGP-SAM uncertainty: {image_id} skipped: {failed[image_id]}")
+                    continue
+                result.update(model=loaded.version, ts=int(time.time()))
+                datastore.update_image_info(image_id, {self.key: result})
+                done.append(image_id)
+                logger.info(f"SGP-SAM uncertainty: {image_id} => {result['score']:.4f} ({result['latency_s']} s)")
+        finally:
+            torch.set_num_threads(threads)
+        summary = {
+            "total": len(images),
+            "executed": len(done),
+            "skipped": len(images) - len(todo),
+            "failed": failed,
+            "model": loaded.version,
+            "latency": round(time.time() - t0, 3),
+        }
+        logger.info(f"SGP-SAM uncertainty scoring: {summary}")
+        return summary

@@ -1,0 +1,141 @@
+"""MONAI Label app serving the SGP-SAM bundle: click-based 3D lesion segmentation, training and active learning.
+
+Start (offline; nothing at start-up reaches the network)::
+
+    monailabel start_server --app apps/sgpsam_label --studies <folder> \
+        --conf preset sam_med3d --conf checkpoint /path/to/sam_med3d_turbo.pth
+
+``--conf`` options: see ``lib/settings.py`` (``CONF_HELP``) and docs/monailabel.md. The app imports the bundle's
+code (``bundle/scripts``: network, preprocessing, checkpoint loader, interactive engine, training config); it does
+not re-implement any of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from typing import Dict
+
+import numpy as np
+import torch
+
+APP_DIR = os.path.dirname(os.path.realpath(__file__))
+BUNDLE_ROOT = os.environ.get("SGPSAM_BUNDLE_ROOT", os.path.join(os.path.dirname(os.path.dirname(APP_DIR)), "bundle"))
+for _path in (APP_DIR, BUNDLE_ROOT):  # MONAI Label removes the app dir from sys.path after loading main.py
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from fastapi import HTTPException  # noqa: E402
+from lib.datastore import SafeLocalDatastore  # noqa: E402
+from lib.infers.sgpsam import SGPSAMInfer  # noqa: E402
+from lib.model import NetworkLoader  # noqa: E402
+from lib.scoring.tta import TTAUncertaintyScoring  # noqa: E402
+from lib.settings import AppSettings  # noqa: E402
+from lib.strategies.uncertainty import HighestUncertainty  # noqa: E402
+from lib.trainers.sgpsam import SGPSAMTrain  # noqa: E402
+from monailabel.config import settings as ml_settings  # noqa: E402
+from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.interfaces.datastore import Datastore  # noqa: E402
+from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
+from monailabel.interfaces.tasks.scoring import ScoringMethod  # noqa: E402
+from monailabel.interfaces.tasks.strategy import Strategy  # noqa: E402
+from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
+from monailabel.tasks.activelearning.first import First  # noqa: E402
+from monailabel.tasks.activelearning.random import Random  # noqa: E402
+from monailabel.transform.writer import write_itk  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "sgpsam"
+LABELS = ["lesion"]
+
+
+def warm_up(network, device) -> None:
+    """One-time costs paid at start-up instead of on the first click: kernel set-up, ITK's lazy IO modules."""
+    s = int(network.img_size)
+    with torch.inference_mode():
+        network.encode(torch.zeros(1, 1, s, s, s, device=device))
+    with tempfile.TemporaryDirectory() as tmp:
+        for ext in (".nrrd", ".nii.gz"):
+            write_itk(np.zeros((2, 2, 2), np.uint8), os.path.join(tmp, f"warm{ext}"), np.eye(4), None, False)
+
+
+class MyApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        self.settings = AppSettings.from_conf(conf, app_dir)
+        self.loader = NetworkLoader(self.settings)
+        logger.info(f"SGP-SAM app settings: {self.settings.describe()}")
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="SGP-SAM lesion segmentation",
+            description="Click-based 3D lesion segmentation (SAM-Med3D + Self-Gated Prompting Module)",
+            version="0.1.0",
+            labels=LABELS,
+        )
+
+    # -- tasks --------------------------------------------------------------------------------------------------
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        logger.info(f"Init Datastore (atomic label writes) for: {self.studies}")
+        return SafeLocalDatastore(
+            self.studies,
+            extensions=ml_settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=ml_settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_infers(self) -> Dict[str, InferTask]:
+        return {MODEL_NAME: SGPSAMInfer(self.settings, self.loader, labels=LABELS)}
+
+    def init_trainers(self) -> Dict[str, TrainTask]:
+        # Same name as the infer task: MONAI Label then reports these train stats with the model (/model/info).
+        trainer = SGPSAMTrain(self.settings, self.loader, description="Fine-tune SGP-SAM on final labels")
+        if not trainer.is_valid():
+            logger.warning(f"no bundle train config under {self.settings.bundle_root}/configs: training disabled")
+            return {}
+        return {MODEL_NAME: trainer}
+
+    def init_strategies(self) -> Dict[str, Strategy]:
+        return {"uncertainty": HighestUncertainty(), "random": Random(), "first": First()}
+
+    def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
+        return {"sgpsam_uncertainty": TTAUncertaintyScoring(self.settings, self.loader)}
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        try:  # load the weights now: the first click should not pay for it, and a bad checkpoint shows at start
+            loaded = self._infers[MODEL_NAME].model()
+            warm_up(loaded.network, self.settings.device)
+            logger.info(f"SGP-SAM model ready: {loaded.version}")
+        except Exception as err:
+            logger.error(f"SGP-SAM model could not be loaded at start-up: {err}")
+
+    # -- request checks: a bad request is the client's error (4xx with a reason), not a 500 ------------------------
+    def infer(self, request, datastore=None):
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available: {sorted(self._infers)}")
+        image = request.get("image")
+        if isinstance(image, str):
+            ds = datastore if datastore else self.datastore()
+            if not os.path.exists(image) and not ds.get_image_uri(image):
+                if hasattr(ds, "sync"):
+                    ds.sync()
+                if not ds.get_image_uri(image):
+                    raise HTTPException(status_code=404, detail=f"image {image!r} not found in the datastore")
+            request = dict(request)
+            request["image_id"] = image
+        return super().infer(request, datastore)
+
+    def next_sample(self, request):
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise HTTPException(
+                status_code=404, detail=f"unknown strategy {strategy!r}; available: {sorted(self._strategies)}"
+            )
+        return super().next_sample(request)

@@ -1,0 +1,205 @@
+"""Click round-trip latency of the SGP-SAM MONAI Label app through REST: first click on an image vs repeat click.
+
+For every preset the script starts the real server (``monailabel start_server --app apps/sgpsam_label``) on
+127.0.0.1 with a studies folder of ``--repeats`` copies of one real MR case (each copy is a new image to the
+server: cold volume and embedding cache), then for each copy sends, with MONAI Label's client, one first
+foreground click and ``--clicks - 1`` repeat clicks (each adds one click next to the previous ones, as an annotator
+in 3D Slicer does; the plugin re-sends all clicks). Round trip = ``MONAILabelClient.infer`` wall time (HTTP,
+multipart, mask file written and read back). Medians over all first / all repeat clicks.
+
+Weights (``--weights``): ``random`` (random initialisation; its masks can spread over the crop and trigger the
+large-lesion extension windows, i.e. more encoder/decoder runs) and ``cube`` (``lib/testing.py``: same network and
+FLOPs, hand-set weights whose mask is a cube inside one window, the typical lesion path). No checkpoint download.
+
+    python benchmarks/bench_monailabel_latency.py                      # tiny + sam_med3d, cube + random, CPU
+    python benchmarks/bench_monailabel_latency.py --presets sam_med3d --weights cube --repeats 5 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+APP_DIR = REPO_ROOT / "apps" / "sgpsam_label"
+DATA_DIR = Path(os.environ.get("SGPSAM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data" / "real"))
+for path in (REPO_ROOT / "bundle", APP_DIR):
+    sys.path.insert(0, str(path))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lesion_click(label_path: Path) -> list[int]:
+    from monai.transforms import LoadImage
+    from scipy.ndimage import distance_transform_edt
+
+    label = np.asarray(LoadImage(image_only=True)(str(label_path)))
+    dist = distance_transform_edt(label > 0)
+    return [int(v) for v in np.unravel_index(int(np.argmax(dist)), dist.shape)]
+
+
+class Server:
+    def __init__(self, root: Path, preset: str, checkpoint: str, device: str, timeout: float = 600) -> None:
+        self.root = root
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        cli = Path(sys.executable).parent / "monailabel"
+        cmd = [str(cli)] if cli.exists() else [sys.executable, "-m", "monailabel.main"]
+        cmd += ["start_server", "--app", str(APP_DIR), "--studies", str(root / "studies"), "--host", "127.0.0.1"]
+        cmd += ["--port", str(port), "--conf", "preset", preset, "--conf", "checkpoint", checkpoint]
+        cmd += ["--conf", "model_dir", str(root / "model"), "--conf", "device", device]
+        env = {
+            **os.environ,
+            "MONAILABEL_PYEXE": sys.executable,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "MONAI_LABEL_SESSION_PATH": str(root / "sessions"),
+            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",  # no background scoring competing for the CPU
+        }
+        self.log = root / "server.log"
+        with open(self.log, "wb") as fh:
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self._wait(timeout)
+
+    def _wait(self, timeout: float) -> None:
+        import requests
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}); see {self.log}")
+            try:
+                if requests.get(f"{self.url}/info/", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"server did not start within {timeout} s; see {self.log}")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def run_preset(preset: str, weights: str, args, click: list[int], image: Path) -> dict:
+    from lib.testing import make_cube_checkpoint
+    from monailabel.client import MONAILabelClient
+
+    with tempfile.TemporaryDirectory(prefix=f"bench_{preset}_") as tmp:
+        root = Path(tmp)
+        (root / "studies").mkdir()
+        (root / "client").mkdir()
+        names = [f"case{i:02d}" for i in range(args.repeats)]
+        for name in names:
+            shutil.copy(image, root / "studies" / f"{name}{''.join(image.suffixes)}")
+        checkpoint = "random"
+        if weights == "cube":
+            checkpoint = str(root / "cube.pt")
+            make_cube_checkpoint(checkpoint, preset)
+        t0 = time.time()
+        server = Server(root, preset, checkpoint, args.device)
+        start_s = time.time() - t0
+        try:
+            client = MONAILabelClient(server.url, tmpdir=str(root / "client"))
+            first, repeat, server_first, server_repeat, rows = [], [], [], [], []
+            for name in names:
+                clicks = []
+                for k in range(args.clicks):
+                    clicks.append([click[0] + 2 * k, click[1], click[2]])
+                    t = time.perf_counter()
+                    label_file, params = client.infer(
+                        "sgpsam", name, {"label": "lesion", "foreground": clicks, "background": []}
+                    )
+                    rtt = (time.perf_counter() - t) * 1000.0
+                    os.remove(label_file)
+                    (first if k == 0 else repeat).append(rtt)
+                    (server_first if k == 0 else server_repeat).append(params["latency_ms"])
+                    rows.append(
+                        {
+                            "image": name,
+                            "click": k + 1,
+                            "round_trip_ms": round(rtt, 1),
+                            "engine_ms": round(params["latency_ms"], 1),
+                            "encoder_runs": params["encoder_runs"],
+                            "decoder_runs": params["decoder_runs"],
+                            "windows": params["windows"],
+                        }
+                    )
+                    if args.verbose:
+                        print(json.dumps(rows[-1]), flush=True)
+        finally:
+            server.stop()
+    return {
+        "preset": preset,
+        "weights": weights,
+        "device": args.device,
+        "server_start_s": round(start_s, 1),
+        "first_click_ms": round(statistics.median(first), 1),
+        "repeat_click_ms": round(statistics.median(repeat), 1) if repeat else None,
+        "first_engine_ms": round(statistics.median(server_first), 1),
+        "repeat_engine_ms": round(statistics.median(server_repeat), 1) if server_repeat else None,
+        "first_click_range_ms": [round(min(first), 1), round(max(first), 1)],
+        "repeat_click_range_ms": [round(min(repeat), 1), round(max(repeat), 1)] if repeat else None,
+        "windows": max(r["windows"] for r in rows),
+        "n_first": len(first),
+        "n_repeat": len(repeat),
+        "rows": rows,
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "sam_med3d"])
+    parser.add_argument("--weights", nargs="+", default=["cube", "random"], choices=["cube", "random"])
+    parser.add_argument("--repeats", type=int, default=3, help="images (each: one first click)")
+    parser.add_argument("--clicks", type=int, default=4, help="clicks per image (1 first + the rest repeat)")
+    parser.add_argument("--case", default="brain2", help="real case under SGPSAM_SHARED_DATA")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+
+    image = DATA_DIR / f"{args.case}_image.nrrd"
+    click = lesion_click(DATA_DIR / f"{args.case}_label.nrrd")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# {args.case} {image.name}, click {click}, cpus {os.cpu_count()}, load average {load:.2f}")
+    results = []
+    for preset in args.presets:
+        for weights in args.weights:
+            res = run_preset(preset, weights, args, click, image)
+            results.append(res)
+            print(
+                f"{preset:>10} {weights:>6} {args.device:>4} | first click {res['first_click_ms']:>8.1f} ms "
+                f"(engine {res['first_engine_ms']:.1f}) | repeat click {res['repeat_click_ms']:>8.1f} ms "
+                f"(engine {res['repeat_engine_ms']:.1f}) | windows {res['windows']} | "
+                f"n={res['n_first']}/{res['n_repeat']} | server start {res['server_start_s']} s",
+                flush=True,
+            )
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
