@@ -83,6 +83,18 @@ def build_sgp_sam(
     gate_threshold: float = 0.5,
     attention_impl: str = "fast",
     in_chans: int = 1,
+    adapter: str | None = None,
+    adapter_dim: int | None = None,
+    adapter_kernel: str | Sequence[int] = "depth",
+    fact_rank: int = 32,
+    tags: bool = False,
+    anatomy_prompt: bool = True,
+    semantic_prompt: bool = True,
+    text_source: str = "packaged",
+    text_organ: str = "organ",
+    tags_levels: Sequence[int] | None = None,
+    tags_align_dim: int = 128,
+    tags_mix: float = 0.2,
     **overrides: Any,
 ) -> SGPSAM:
     """Build SGP-SAM (or the plain SAM-Med3D backbone with ``sgpm=False``).
@@ -95,6 +107,20 @@ def build_sgp_sam(
         gate_mode: "learned" or "open" (ablation: always fuse, no gate).
         gate_threshold: hard-gate threshold at inference.
         attention_impl: "fast" (exact, default) or "naive" padded-window attention.
+        adapter: None or "ma_sam" (MA-SAM 3D adapters + FacT under ``extensions.ma_sam``).
+        adapter_dim: MA-SAM adapter bottleneck (None: embed_dim // 2 = MA-SAM's 384 at 768; 0: no adapters).
+        adapter_kernel: "depth" (MA-SAM, 3 along the slice axis Z), "cube" (depthwise 3^3), "cube_full" (full 3^3)
+            or an explicit kernel in token-axis order (X, Y, Z).
+        fact_rank: FacT rank on q and v (MA-SAM: 32; 0: no FacT).
+        tags: add TAGS multi-prompt fusion under ``extensions.tags``.
+        anatomy_prompt: TAGS anatomy branch (organ mask via ``encode(images, anatomy=mask)``).
+        semantic_prompt: TAGS text-aligned adapters and alignment maps.
+        text_source: "packaged" (shipped MiniLM vectors), "minilm" or an .npz path; for CLIP, write an .npz with
+            ``python -m scripts.text_prompts --source clip --clip-weights-path ...`` and pass its path.
+        text_organ: organ word of the prompt ensembles (packaged: liver, brain, kidney, pancreas, organ).
+        tags_levels: blocks after which alignment runs (default: quarters of the depth, e.g. 2, 5, 8, 11).
+        tags_align_dim: width of the joint token/text space.
+        tags_mix: weight of the mixed-back alignment adapter (TAGS: 0.2).
         overrides: any preset field (e.g. ``img_size``).
     """
     if preset not in PRESETS:
@@ -135,4 +161,24 @@ def build_sgp_sam(
             raise ValueError(f"sgpm_stages {bad} outside the encoder's blocks 0..{cfg['depth'] - 1}")
         fuse = {int(k): tuple(v) for k, v in (sgpm_fuse_depths or default_fuse_depths(stages, cfg["depth"])).items()}
         module = SelfGatedPromptingModule(cfg["embed_dim"], stages, fuse, gate_mode=gate_mode, threshold=gate_threshold)
-    return SGPSAM(encoder, prompt_encoder, decoder, module)
+    model = SGPSAM(encoder, prompt_encoder, decoder, module)
+    if adapter is not None:
+        if adapter != "ma_sam":
+            raise ValueError(f"unknown adapter {adapter!r}; choose None or 'ma_sam'")
+        from .ma_sam import add_ma_sam
+
+        add_ma_sam(model, adapter_dim=adapter_dim, adapter_kernel=adapter_kernel, fact_rank=fact_rank)
+    if tags:
+        from ..text_prompts import get_text_vectors
+        from .tags import add_tags
+
+        add_tags(
+            model,
+            anatomy_prompt=anatomy_prompt,
+            semantic_prompt=semantic_prompt,
+            text_vectors=get_text_vectors(text_source, organ=text_organ) if semantic_prompt else None,
+            levels=tags_levels,
+            align_dim=tags_align_dim,
+            mix=tags_mix,
+        )
+    return model
