@@ -1,6 +1,7 @@
 """Test setup: the bundle's ``scripts`` package and the repo root importable; location of the shared real data."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,3 +23,36 @@ def real_data_dir() -> Path:
     if not (REAL_DATA / "brain1_image.nrrd").exists():
         pytest.fail(f"real test cases missing under {REAL_DATA} (set SGPSAM_SHARED_DATA)")
     return REAL_DATA
+
+
+def bundle_env() -> dict:
+    """Environment for bundle subprocesses: the bundle's ``scripts`` importable, one thread, CPU only (gloo/CPU
+    paths even on a GPU machine)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BUNDLE_ROOT), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_bundle_cli(*args: str, timeout: float = 300) -> tuple[int, str]:
+    """``python -m monai.bundle ARGS`` from the repo root, as a user runs it; (exit code, stdout + stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args],
+        cwd=REPO_ROOT,
+        env=bundle_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A small embedded-generator dataset (4 train, 2 validation, 2 test cases) shared by the workflow tests."""
+    from scripts.synthetic_data import generate_dataset
+
+    root = tmp_path_factory.getbasetemp() / "synthetic_4_2_2"
+    generate_dataset(root, num_train=4, num_val=2, num_test=2)
+    return root

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT, run_bundle_cli
+
 CONFIGS = REPO_ROOT / "bundle" / "configs"
 META = CONFIGS / "metadata.json"
 SCHEMA = REPO_ROOT / "bundle" / "docs" / "meta_schema.json"
@@ -19,40 +20,13 @@ LOGGING = CONFIGS / "logging.conf"
 TINY = "['bundle/configs/train.json','configs/cpu_tiny.json']"
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT / "bundle"), env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = "1"
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    return env
-
-
-def _bundle_cli(*args, timeout=300):
-    proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", *args],
-        cwd=REPO_ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    return proc.returncode, proc.stdout + proc.stderr
-
-
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory):
-    from scripts.synthetic_data import generate_dataset
-
-    root = tmp_path_factory.getbasetemp() / "synthetic_4_2_2"
-    generate_dataset(root, num_train=4, num_val=2, num_test=2)
-    return root
 
 
 # ------------------------------------------------------------------------------------------------------------
 # metadata
 # ------------------------------------------------------------------------------------------------------------
 def test_verify_metadata_offline():
-    code, log = _bundle_cli("verify_metadata", "--meta_file", str(META), "--filepath", str(SCHEMA))
+    code, log = run_bundle_cli("verify_metadata", "--meta_file", str(META), "--filepath", str(SCHEMA))
     assert code == 0, log[-3000:]
     assert "skipped downloading" in log  # the repository copy is used: no network access
     assert "metadata is verified with no error" in log
@@ -93,7 +67,7 @@ def test_metadata_matches_the_bundle():
 # network input / output
 # ------------------------------------------------------------------------------------------------------------
 def test_verify_net_in_out_tiny_cli():
-    code, log = _bundle_cli(
+    code, log = run_bundle_cli(
         "verify_net_in_out",
         "network_def",
         "--meta_file",
@@ -136,7 +110,7 @@ def test_logging_conf_passes_monai_restrictions():
 
 
 def test_training_run_with_logging_file(tmp_path, tiny_dataset):
-    code, log = _bundle_cli(
+    code, log = run_bundle_cli(
         "run", "training", "--config_file", TINY, "--logging_file", str(LOGGING),
         "--max_epochs", "1", "--iterations_per_epoch", "1",
         "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "runs"), "--dataset_dir", str(tiny_dataset),

@@ -15,26 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT, bundle_env
+
 CONFIGS = "['bundle/configs/train.json','configs/cpu_tiny.json','bundle/configs/multi_gpu_train.json']"
 MARKER = re.compile(r"\[ddp\] rank (\d+)/(\d+) finished: iterations=(\d+) samples_per_epoch=(\d+) param_sum=(\S+)")
 
 
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory):
-    from scripts.synthetic_data import generate_dataset
-
-    root = tmp_path_factory.getbasetemp() / "synthetic_4_2_2"
-    generate_dataset(root, num_train=4, num_val=2, num_test=2)
-    return root
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT / "bundle"), env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = "1"
-    env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU even on a GPU machine
-    return env
 
 
 def _param_sum(model: torch.nn.Module) -> float:
@@ -52,7 +38,7 @@ def test_ddp_two_processes_gloo(tmp_path, tiny_dataset):
         "--max_epochs", "1", "--iterations_per_epoch", "2", "--val_interval", "1",
         "--ckpt_dir", str(ckpt_dir), "--output_dir", str(output_dir), "--dataset_dir", str(tiny_dataset),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=540)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=bundle_env(), capture_output=True, text=True, timeout=540)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
 
