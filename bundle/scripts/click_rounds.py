@@ -8,7 +8,7 @@ evaluation, inference and the MONAI Label app all go through these functions so 
 from __future__ import annotations
 
 import random
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ def training_rounds(
     num_rounds: int = 11,
     rng: random.Random | None = None,
     generator: torch.Generator | None = None,
+    encode_inputs: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Simulated interactive rounds with the loss summed over rounds.
 
@@ -36,11 +37,12 @@ def training_rounds(
         images: (B, 1, S, S, S) normalised crops.
         targets: (B, 1, S, S, S) binary lesion masks.
         loss_fn: loss on full-resolution logits vs targets.
+        encode_inputs: extra ``network.encode`` inputs, e.g. ``{"anatomy": organ masks (B, 1, S, S, S)}`` (TAGS).
 
     Returns:
         (summed loss, last round's full-resolution logits).
     """
-    embeddings = network.encode(images)
+    embeddings = network.encode(images, **(encode_inputs or {}))
     prev_logits = initial_mask_prompt(network, images.shape[0], images.device)
     target_bool = targets > 0.5
     total = images.new_zeros(())
@@ -68,6 +70,7 @@ def evaluation_clicks(
     spacing: tuple[float, float, float] | None = None,
     embedding: torch.Tensor | None = None,
     keep_masks_at: Sequence[int] = (),
+    encode_inputs: dict[str, Any] | None = None,
 ) -> dict:
     """Deterministic click protocol on one crop: deepest point of the larger error region each round.
 
@@ -77,13 +80,14 @@ def evaluation_clicks(
         num_clicks: clicks to simulate (stops early once the prediction is perfect; later Dice = last one).
         embedding: cached ``network.encode(image)`` if available.
         keep_masks_at: click counts k whose masks to return in ``"masks_at"`` (the last mask if stopped earlier).
+        encode_inputs: extra ``network.encode`` inputs (e.g. ``{"anatomy": (1, 1, S, S, S)}``) when not cached.
 
     Returns:
         {"dice": [Dice after click 1..k], "mask": final (S, S, S) bool, "low_res_logits": last (1, 1, ...),
          "points": [(i, j, k)], "labels": [0/1], "masks_at": {k: (S, S, S) bool}}
     """
     target = np.asarray(target, dtype=bool)
-    embedding = network.encode(image) if embedding is None else embedding
+    embedding = network.encode(image, **(encode_inputs or {})) if embedding is None else embedding
     prev_logits = initial_mask_prompt(network, 1, image.device)
     pred = np.zeros_like(target)
     result = {"dice": [], "points": [], "labels": [], "mask": pred, "low_res_logits": prev_logits, "masks_at": {}}

@@ -4,11 +4,15 @@ Layout written under ``output_dir``::
 
     imagesTr/synth_000.nii.gz  labelsTr/synth_000.nii.gz   training and validation cases
     imagesTs/synth_030.nii.gz  labelsTs/synth_030.nii.gz   test cases (labels kept, for evaluation)
+    organsTr/synth_000.nii.gz  organsTs/synth_030.nii.gz   only with ``organ_masks=True``: the organ mask
     dataset.json                                           written last: its presence marks a complete dataset
 
 ``dataset.json`` holds the usual MSD keys plus three split lists of ``{"image", "label"}`` paths relative to
 ``output_dir`` ("training", "validation", "test"; validation files live in ``imagesTr``/``labelsTr`` as in MSD),
 and a ``"synthetic"`` block with the generator parameters (used for idempotency) and per-case lesion facts.
+With ``organ_masks=True`` every item also has an ``"organ"`` path: a binary mask (1 = organ, lesions included), the
+anatomy prompt of the TAGS option and the large target of the transfer study's pretraining. The image and label
+files are the same bytes with or without organ masks.
 
 Each case is an MR-like volume: air (~0, Rician noise floor) around a body (elliptic cylinder with a bright
 fat rim), an irregular ellipsoidal "organ" with smooth texture, a few vessels, and 2-5 lesions (label 1) that
@@ -37,7 +41,14 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["generate_dataset", "ensure_dataset", "generate_case", "DEFAULT_SHAPE", "GENERATOR_VERSION"]
+__all__ = [
+    "generate_dataset",
+    "ensure_dataset",
+    "generate_case",
+    "generate_case_with_organ",
+    "DEFAULT_SHAPE",
+    "GENERATOR_VERSION",
+]
 
 # Bump when the generated content changes, so cached datasets are regenerated.
 GENERATOR_VERSION = 2
@@ -148,6 +159,16 @@ def generate_case(
         image (X, Y, Z) int16 MR-like intensities >= 0, label (X, Y, Z) uint8 (1 = lesion), affine (4, 4) float64,
         info dict (spacing, per-lesion centre voxel / equivalent diameter / contrast / voxel count).
     """
+    image, label, _, affine, info = generate_case_with_organ(rng, shape)
+    return image, label, affine, info
+
+
+def generate_case_with_organ(
+    rng: np.random.Generator, shape: Sequence[int] = DEFAULT_SHAPE
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """:func:`generate_case` plus the organ mask (X, Y, Z) uint8, returned third: 1 inside the organ's surface or a
+    lesion. The mask draws no random numbers, so image, label and affine equal ``generate_case``'s for the same rng.
+    """
     shape = tuple(int(s) for s in shape)
     spacing = np.array([*rng.uniform(*INPLANE_SPACING_RANGE, size=2), rng.uniform(*SLICE_SPACING_RANGE)])
     fov = np.asarray(shape) * spacing
@@ -243,7 +264,9 @@ def generate_case(
         les.pop("extent_mm")
         les.pop("centre_mm")
     info = {"spacing": [float(s) for s in spacing], "lesions": lesions}
-    return image, label, affine, info
+    # Lesions that bulge out of the organ belong to it, as a liver mask includes its tumours.
+    organ = ((depth_o > 0) | (label > 0)).astype(np.uint8)
+    return image, label, organ, affine, info
 
 
 @dataclass
@@ -348,8 +371,10 @@ def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _params(num_train: int, num_val: int, num_test: int, seed: int, shape: Sequence[int]) -> dict[str, Any]:
-    return {
+def _params(
+    num_train: int, num_val: int, num_test: int, seed: int, shape: Sequence[int], organ_masks: bool = False
+) -> dict[str, Any]:
+    params = {
         "version": GENERATOR_VERSION,
         "num_train": int(num_train),
         "num_val": int(num_val),
@@ -357,14 +382,23 @@ def _params(num_train: int, num_val: int, num_test: int, seed: int, shape: Seque
         "seed": int(seed),
         "shape": [int(s) for s in shape],
     }
+    if organ_masks:  # only when set, so datasets written before the option keep matching their parameters
+        params["organ_masks"] = True
+    return params
 
 
 def _is_complete(meta: dict[str, Any], root: Path) -> bool:
     for split in ("training", "validation", "test"):
         for item in meta.get(split, []):
-            if not ((root / item["image"]).is_file() and (root / item["label"]).is_file()):
+            files = [item["image"], item["label"]] + ([item["organ"]] if "organ" in item else [])
+            if not all((root / f).is_file() for f in files):
                 return False
     return True
+
+
+def _lists_organ_masks(meta: dict[str, Any]) -> bool:
+    items = [item for split in ("training", "validation", "test") for item in meta.get(split, [])]
+    return bool(items) and all("organ" in item for item in items)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -382,8 +416,11 @@ def generate_dataset(
     seed: int = 0,
     shape: Sequence[int] = DEFAULT_SHAPE,
     overwrite: bool = False,
+    organ_masks: bool = False,
 ) -> Path:
     """Write the synthetic dataset and return the path of its ``dataset.json``.
+
+    ``organ_masks=True`` also writes ``organsTr/``/``organsTs/`` and lists them as ``"organ"`` in every item.
 
     Idempotent: if ``output_dir/dataset.json`` was written by this generator with the same parameters and every
     listed file exists, nothing is done. ``dataset.json`` is removed first and written last, so an interrupted
@@ -393,7 +430,7 @@ def generate_dataset(
     """
     root = Path(output_dir)
     json_path = root / "dataset.json"
-    params = _params(num_train, num_val, num_test, seed, shape)
+    params = _params(num_train, num_val, num_test, seed, shape, organ_masks)
     if json_path.exists():
         meta = _read_json(json_path)
         ours = isinstance(meta, dict) and "synthetic" in meta
@@ -403,7 +440,9 @@ def generate_dataset(
             return json_path
         json_path.unlink()
 
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+    folders = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")
+    organ_folders = ("organsTr", "organsTs")
+    for sub in folders + (organ_folders if organ_masks else ()):
         (root / sub).mkdir(parents=True, exist_ok=True)
     splits = {"training": [], "validation": [], "test": []}
     cases: dict[str, Any] = {}
@@ -412,16 +451,19 @@ def generate_dataset(
         split = "training" if idx < num_train else "validation" if idx < num_train + num_val else "test"
         suffix = "Ts" if split == "test" else "Tr"
         name = f"{CASE_PREFIX}{idx:03d}"
-        image, label, affine, info = generate_case(np.random.default_rng([seed, idx]), shape)
+        image, label, organ, affine, info = generate_case_with_organ(np.random.default_rng([seed, idx]), shape)
         item = {"image": f"images{suffix}/{name}.nii.gz", "label": f"labels{suffix}/{name}.nii.gz"}
         _write_nifti(image, affine, root / item["image"])
         _write_nifti(label, affine, root / item["label"])
+        if organ_masks:
+            item["organ"] = f"organs{suffix}/{name}.nii.gz"
+            _write_nifti(organ, affine, root / item["organ"])
         splits[split].append(item)
         cases[name] = info
 
     # Drop stale cases of an earlier, larger run so the folders match dataset.json.
-    listed = {item[key] for items in splits.values() for item in items for key in ("image", "label")}
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+    listed = {path for items in splits.values() for item in items for key, path in item.items()}
+    for sub in folders + organ_folders:
         for f in (root / sub).glob(f"{CASE_PREFIX}*.nii.gz"):
             if f"{sub}/{f.name}" not in listed:
                 f.unlink()
@@ -435,6 +477,7 @@ def generate_dataset(
         "tensorImageSize": "3D",
         "modality": {"0": "MR"},
         "labels": {"0": "background", "1": "lesion"},
+        **({"organ": "organs*/: 1 = organ (lesions included), 0 = outside"} if organ_masks else {}),
         "numTraining": len(splits["training"]),
         "numValidation": len(splits["validation"]),
         "numTest": len(splits["test"]),
@@ -447,21 +490,26 @@ def generate_dataset(
     return json_path
 
 
-def ensure_dataset(dataset_dir: str | os.PathLike, **kwargs: Any) -> str:
+def ensure_dataset(dataset_dir: str | os.PathLike, organ_masks: bool = False, **kwargs: Any) -> str:
     """Return ``dataset_dir``, generating the synthetic dataset there first if no complete dataset exists.
 
     A complete existing dataset (every file listed in its ``dataset.json`` present) is used as is, whoever wrote
-    it and with whatever parameters, so pointing the bundle at real MSD data or a custom synthetic set just works;
-    only a synthetic dataset written by an older GENERATOR_VERSION is regenerated (keeping its parameters).
+    it and with whatever parameters, so pointing the bundle at real MSD data or a custom synthetic set just works.
+    A synthetic dataset is regenerated, keeping its parameters, when an older GENERATOR_VERSION wrote it or when
+    ``organ_masks`` is asked for and it has none (its images and labels come out byte-identical).
     """
     root = Path(dataset_dir)
     meta = _read_json(root / "dataset.json")
     stored = meta.get("synthetic", {}).get("params") if isinstance(meta, dict) else None
-    if isinstance(stored, dict) and stored.get("version") != GENERATOR_VERSION:
+    ours = isinstance(stored, dict)
+    if ours and stored.get("version") != GENERATOR_VERSION:
         # ours but from an older generator: regenerate with the same split sizes/seed/shape unless overridden
         kwargs = {**{k: v for k, v in stored.items() if k != "version"}, **kwargs}
     elif isinstance(meta, dict) and _is_complete(meta, root):
-        return str(dataset_dir)
+        if not (organ_masks and ours and not _lists_organ_masks(meta)):
+            return str(dataset_dir)
+        kwargs = {**{k: v for k, v in stored.items() if k != "version"}, **kwargs}
+    kwargs["organ_masks"] = bool(organ_masks or kwargs.get("organ_masks", False))
     generate_dataset(root, **kwargs)
     return str(dataset_dir)
 
@@ -475,10 +523,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("X", "Y", "Z"))
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--organ_masks", action="store_true", help="also write organ masks (TAGS anatomy prompt)")
     args = parser.parse_args(argv)
     start = time.time()
     path = generate_dataset(
-        args.output_dir, args.num_train, args.num_val, args.num_test, args.seed, args.shape, args.overwrite
+        args.output_dir,
+        args.num_train,
+        args.num_val,
+        args.num_test,
+        args.seed,
+        args.shape,
+        args.overwrite,
+        organ_masks=args.organ_masks,
     )
     print(f"{path} ready ({time.time() - start:.1f} s)")
 

@@ -7,6 +7,10 @@ Order (what the released SAM-Med3D weights expect):
 
 Shapes follow docs/conventions.md: channel-first ``(C, X, Y, Z)`` in RAS voxel order; C = 1 after preprocessing.
 
+Optional anatomy mask (TAGS anatomy prompt, ``anatomy_key``, e.g. ``"organ"``): loaded from the item's own file, or
+copied from the label file (``anatomy_from_label``: MSD Liver's liver + tumour labels), binarised, resampled with
+nearest neighbour and cropped with the image, so it reaches the network as ``(1, S, S, S)`` like the label.
+
 Keys added by the lesion crop (all samples get all of them, so they collate):
     ``label``        (1, S, S, S) the chosen lesion only when ``instance=True`` (else all lesions)
     ``label_all``    (1, S, S, S) all lesions, same crop
@@ -32,6 +36,7 @@ from monai.data import MetaTensor, load_decathlon_datalist
 from monai.transforms import (
     AsDiscreted,
     Compose,
+    CopyItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     InvertibleTransform,
@@ -53,6 +58,7 @@ __all__ = [
     "LesionCropd",
     "NormaliseCropd",
     "RandLesionCropd",
+    "RequireKeysd",
     "SelectChanneld",
     "crop_at",
     "file_voxel_to_resampled",
@@ -337,6 +343,20 @@ def _as_label_list(target_label: int | Sequence[int]) -> list[int]:
     return [int(target_label)] if np.isscalar(target_label) else [int(t) for t in target_label]
 
 
+class RequireKeysd(MapTransform):
+    """Fail with ``hint`` when an item lacks one of ``keys`` (instead of the loader's bare KeyError)."""
+
+    def __init__(self, keys: KeysCollection, hint: str = ""):
+        super().__init__(keys)
+        self.hint = hint
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
+        missing = [k for k in self.keys if k not in data]
+        if missing:
+            raise KeyError(f"item {data.get('image', '?')} has no {missing} entry. {self.hint}")
+        return data
+
+
 def get_preprocess_transforms(
     target_label: int | Sequence[int] | None = 1,
     image_channel: int | None = None,
@@ -345,6 +365,9 @@ def get_preprocess_transforms(
     image_key: str = "image",
     label_key: str | None = "label",
     load: bool = True,
+    anatomy_key: str | None = None,
+    anatomy_labels: int | Sequence[int] | None = None,
+    anatomy_from_label: bool = False,
 ) -> Compose:
     """Deterministic part: load -> channel first -> channel pick -> CT clamp -> binary target -> RAS -> spacing.
 
@@ -352,11 +375,24 @@ def get_preprocess_transforms(
     where the original label is in ``target_label`` (int or list, e.g. MSD Task03 liver tumour 2, Task01 enhancing
     tumour 3; None keeps any label > 0). ``label_key=None`` builds the image-only pipeline; ``load=False`` expects
     channel-first tensors already in the dict. Good for ``CacheDataset``/``PersistentDataset``.
+
+    ``anatomy_key`` (None = off) adds a binary organ mask under that key, same grid as the label: where the item's
+    ``anatomy_key`` file is in ``anatomy_labels`` (None = any value > 0), or, with ``anatomy_from_label``, where the
+    label file is (e.g. MSD Task03: ``[1, 2]`` = liver with its tumours, so the mask has no tumour-shaped holes).
     """
     keys = [image_key] if label_key is None else [image_key, label_key]
+    anatomy_from_label = bool(anatomy_from_label and anatomy_key)  # inert while the anatomy prompt is off
+    if anatomy_from_label and label_key is None:
+        raise ValueError("anatomy_from_label needs a label_key to copy the organ mask from")
+    loaded = keys + ([anatomy_key] if anatomy_key and not anatomy_from_label else [])
     xforms: list = []
     if load:
-        xforms += [LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys)]
+        if len(loaded) > len(keys):
+            hint = "List an organ-mask file per case in dataset.json, or set anatomy_from_label (organ = label values)."
+            xforms.append(RequireKeysd(anatomy_key, hint=hint))
+        xforms += [LoadImaged(loaded, image_only=True), EnsureChannelFirstd(loaded)]
+    if anatomy_from_label:
+        xforms.append(CopyItemsd(label_key, names=anatomy_key))  # before the label keeps only the target
     xforms.append(SelectChanneld(image_key, channel=image_channel))
     if ct_clamp:
         # two thresholds = an exact clamp (ScaleIntensityRanged would re-scale in float arithmetic)
@@ -368,7 +404,12 @@ def get_preprocess_transforms(
         if target_label is not None:
             xforms.append(LabelFilterd(label_key, applied_labels=_as_label_list(target_label)))
         xforms.append(AsDiscreted(label_key, threshold=0.5))
-    modes = ["bilinear"] if label_key is None else ["bilinear", "nearest"]
+    if anatomy_key:
+        if anatomy_labels is not None:
+            xforms.append(LabelFilterd(anatomy_key, applied_labels=_as_label_list(anatomy_labels)))
+        xforms.append(AsDiscreted(anatomy_key, threshold=0.5))
+        keys = keys + [anatomy_key]
+    modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
     xforms += [
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),  # explicit: no FutureWarning
         Spacingd(keys, pixdim=(spacing,) * 3, mode=modes),
@@ -387,14 +428,16 @@ def get_crop_transforms(
     label_key: str = "label",
     all_label_key: str | None = "label_all",
     connectivity: int = 3,
+    extra_keys: Sequence[str] = (),
 ) -> Compose:
     """Crop part: lesion-centred ``roi_size``^3 crop (zero padding) -> SAM-Med3D z-normalisation of the image.
 
     ``random=True``: :class:`RandLesionCropd` (uniform lesion choice + jitter); ``random=False``: :class:`LesionCropd`
     (lesion ``data["lesion_index"]`` or ``lesion_index``, no jitter). See the module docstring for the added keys.
+    ``extra_keys`` (e.g. the anatomy mask) are cropped like the label and not normalised.
     """
     common = dict(
-        keys=(image_key, label_key),
+        keys=(image_key, label_key, *extra_keys),
         label_key=label_key,
         roi_size=roi_size,
         instance=instance,
@@ -413,10 +456,24 @@ def get_train_transforms(
     spacing: float = 1.5,
     jitter: int | None = None,
     instance: bool = True,
+    anatomy_key: str | None = None,
+    anatomy_labels: int | Sequence[int] | None = None,
+    anatomy_from_label: bool = False,
 ) -> Compose:
-    """Preprocess + random lesion crop as ONE flat Compose (CacheDataset caches up to the first random transform)."""
-    pre = get_preprocess_transforms(target_label, image_channel, ct_clamp, spacing)
-    crop = get_crop_transforms(roi_size, jitter=jitter, instance=instance, random=True)
+    """Preprocess + random lesion crop as ONE flat Compose (CacheDataset caches up to the first random transform).
+
+    ``anatomy_*``: optional organ mask, see :func:`get_preprocess_transforms`."""
+    pre = get_preprocess_transforms(
+        target_label,
+        image_channel,
+        ct_clamp,
+        spacing,
+        anatomy_key=anatomy_key,
+        anatomy_labels=anatomy_labels,
+        anatomy_from_label=anatomy_from_label,
+    )
+    extra = (anatomy_key,) if anatomy_key else ()
+    crop = get_crop_transforms(roi_size, jitter=jitter, instance=instance, random=True, extra_keys=extra)
     return Compose([*pre.transforms, *crop.transforms])
 
 
@@ -428,10 +485,24 @@ def get_val_transforms(
     spacing: float = 1.5,
     lesion_index: int = 0,
     instance: bool = True,
+    anatomy_key: str | None = None,
+    anatomy_labels: int | Sequence[int] | None = None,
+    anatomy_from_label: bool = False,
 ) -> Compose:
-    """Deterministic preprocess + crop on lesion ``data["lesion_index"]`` (default ``lesion_index``, 0 = largest)."""
-    pre = get_preprocess_transforms(target_label, image_channel, ct_clamp, spacing)
-    crop = get_crop_transforms(roi_size, instance=instance, random=False, lesion_index=lesion_index)
+    """Deterministic preprocess + crop on lesion ``data["lesion_index"]`` (default ``lesion_index``, 0 = largest).
+
+    ``anatomy_*``: optional organ mask, see :func:`get_preprocess_transforms`."""
+    pre = get_preprocess_transforms(
+        target_label,
+        image_channel,
+        ct_clamp,
+        spacing,
+        anatomy_key=anatomy_key,
+        anatomy_labels=anatomy_labels,
+        anatomy_from_label=anatomy_from_label,
+    )
+    extra = (anatomy_key,) if anatomy_key else ()
+    crop = get_crop_transforms(roi_size, instance=instance, random=False, lesion_index=lesion_index, extra_keys=extra)
     return Compose([*pre.transforms, *crop.transforms])
 
 
