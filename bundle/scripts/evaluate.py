@@ -92,6 +92,9 @@ def evaluate_dataset(
     split: str = "test",
     print_table: bool = True,
     plot: bool = True,
+    anatomy_key: str | None = None,
+    anatomy_labels: int | Sequence[int] | None = None,
+    anatomy_from_label: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``network`` lesion by lesion with the deterministic click protocol (module docstring).
 
@@ -102,6 +105,10 @@ def evaluate_dataset(
         max_clicks: clicks per lesion (NoC cap; literature: 20).
         device: defaults to the network's device.
         whole_volume_clicks: click count whose masks are merged for the whole-volume Dice.
+        anatomy_key, anatomy_labels, anatomy_from_label: the TAGS anatomy prompt (None = off): the organ mask is
+            preprocessed with the image (``scripts.transforms.get_preprocess_transforms``), cropped at each lesion's
+            crop and passed as ``network.encode(crop, anatomy=mask)``. A case without a mask is encoded without
+            one (an all-zero anatomy channel), with a warning.
 
     Returns:
         {"metrics": clicks.summarise(...) ({"overall" | size bin: {"dice@k" | "noc@T": {"mean", "std", "n"}}}),
@@ -116,12 +123,22 @@ def evaluate_dataset(
     crop = int(network.img_size)
     keep = min(int(whole_volume_clicks), int(max_clicks))
     preprocess = get_preprocess_transforms(target_label, image_channel, ct_clamp, spacing)
+    if anatomy_key:
+        with_anatomy = get_preprocess_transforms(
+            target_label, image_channel, ct_clamp, spacing, anatomy_key=anatomy_key,
+            anatomy_labels=anatomy_labels, anatomy_from_label=anatomy_from_label,
+        )  # fmt: skip
+    prompted_crops = 0
 
     records: list[dict[str, Any]] = []
     whole: list[float] = []
     skipped = 0
     for case_idx, item in enumerate(items):
-        data = preprocess({"image": item["image"], "label": item["label"]})
+        has_anatomy = bool(anatomy_key) and (anatomy_from_label or anatomy_key in item)
+        if anatomy_key and not has_anatomy:
+            logger.warning("%s: no '%s' mask, evaluated without the anatomy prompt", item["image"], anatomy_key)
+        keys = ("image", "label", anatomy_key) if has_anatomy and not anatomy_from_label else ("image", "label")
+        data = (with_anatomy if has_anatomy else preprocess)({key: item[key] for key in keys})
         image, label = data["image"], data["label"]
         comps, sizes, bboxes = lesion_components(label, connectivity)
         shape = tuple(int(s) for s in label.shape[1:])
@@ -137,7 +154,14 @@ def evaluate_dataset(
                 skipped += 1  # pathological shape with no voxel in its own centred crop
                 logger.warning("%s lesion %d: no voxel inside its centred crop, skipped", case, k)
                 continue
-            res = evaluation_clicks(network, img, target, max_clicks, spacing=(spacing,) * 3, keep_masks_at=(keep,))
+            embedding = None
+            if has_anatomy:
+                organ = _plain(crop_at(data[anatomy_key], start, crop))[None].to(device, torch.float32)
+                embedding = network.encode(img, anatomy=(organ > 0.5).float())
+                prompted_crops += 1
+            res = evaluation_clicks(
+                network, img, target, max_clicks, spacing=(spacing,) * 3, embedding=embedding, keep_masks_at=(keep,)
+            )
             mask_k = torch.as_tensor(res["masks_at"][keep])[None]
             merged |= paste_crop(mask_k, start, shape).bool()
             curve = _carry(res["dice"], max_clicks)
@@ -182,6 +206,7 @@ def evaluate_dataset(
         "max_clicks": int(max_clicks),
         "crop_size": crop,
         "spacing": float(spacing),
+        "anatomy_prompted_crops": prompted_crops,
     }
     _write_csv(records, out_dir / "per_lesion.csv", max_clicks)
     (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=1))
@@ -294,5 +319,6 @@ def run_evaluation(
     else:
         logger.warning("ckpt_path is null: evaluating the network's current weights")
     summary = evaluate_dataset(network, datalist, output_dir, **kwargs)
-    print(f"mean Dice after 5 clicks: {summary['mean_dice@5']:.4f} ({summary['num_lesions']} lesions)")
+    anatomy = f"; {summary['anatomy_prompted_crops']} with the anatomy prompt" if kwargs.get("anatomy_key") else ""
+    print(f"mean Dice after 5 clicks: {summary['mean_dice@5']:.4f} ({summary['num_lesions']} lesions{anatomy})")
     return summary
