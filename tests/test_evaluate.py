@@ -11,13 +11,7 @@ from scripts.synthetic_data import generate_dataset
 from scripts.transforms import get_preprocess_transforms, lesion_components, load_datalist
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CI box has 2 shared cores: one intra-op thread avoids oversubscription (4x faster decoder rounds)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

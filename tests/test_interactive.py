@@ -14,13 +14,7 @@ from scripts.interactive import ClickError, InteractiveSegmenter, _ByteLRU
 from scripts.modeling import build_sgp_sam
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CI box has 2 shared cores: one intra-op thread avoids oversubscription (4x faster decoder rounds)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -448,6 +448,31 @@ def get_crop_transforms(
     return Compose([crop, NormaliseCropd(image_key)])
 
 
+def _preprocess_and_crop(
+    crop_kwargs: dict,
+    target_label: int | Sequence[int] | None,
+    image_channel: int | None,
+    ct_clamp: bool,
+    spacing: float,
+    anatomy_key: str | None,
+    anatomy_labels: int | Sequence[int] | None,
+    anatomy_from_label: bool,
+) -> Compose:
+    """Preprocess + lesion crop (the organ mask, if any, cropped with the image) as ONE flat Compose, so
+    CacheDataset caches everything up to the first random transform."""
+    pre = get_preprocess_transforms(
+        target_label,
+        image_channel,
+        ct_clamp,
+        spacing,
+        anatomy_key=anatomy_key,
+        anatomy_labels=anatomy_labels,
+        anatomy_from_label=anatomy_from_label,
+    )
+    crop = get_crop_transforms(extra_keys=(anatomy_key,) if anatomy_key else (), **crop_kwargs)
+    return Compose([*pre.transforms, *crop.transforms])
+
+
 def get_train_transforms(
     roi_size: int = 128,
     target_label: int | Sequence[int] | None = 1,
@@ -460,21 +485,11 @@ def get_train_transforms(
     anatomy_labels: int | Sequence[int] | None = None,
     anatomy_from_label: bool = False,
 ) -> Compose:
-    """Preprocess + random lesion crop as ONE flat Compose (CacheDataset caches up to the first random transform).
-
-    ``anatomy_*``: optional organ mask, see :func:`get_preprocess_transforms`."""
-    pre = get_preprocess_transforms(
-        target_label,
-        image_channel,
-        ct_clamp,
-        spacing,
-        anatomy_key=anatomy_key,
-        anatomy_labels=anatomy_labels,
-        anatomy_from_label=anatomy_from_label,
+    """Preprocess + random lesion crop. ``anatomy_*``: optional organ mask, see :func:`get_preprocess_transforms`."""
+    crop_kwargs = dict(roi_size=roi_size, jitter=jitter, instance=instance, random=True)
+    return _preprocess_and_crop(
+        crop_kwargs, target_label, image_channel, ct_clamp, spacing, anatomy_key, anatomy_labels, anatomy_from_label
     )
-    extra = (anatomy_key,) if anatomy_key else ()
-    crop = get_crop_transforms(roi_size, jitter=jitter, instance=instance, random=True, extra_keys=extra)
-    return Compose([*pre.transforms, *crop.transforms])
 
 
 def get_val_transforms(
@@ -492,18 +507,10 @@ def get_val_transforms(
     """Deterministic preprocess + crop on lesion ``data["lesion_index"]`` (default ``lesion_index``, 0 = largest).
 
     ``anatomy_*``: optional organ mask, see :func:`get_preprocess_transforms`."""
-    pre = get_preprocess_transforms(
-        target_label,
-        image_channel,
-        ct_clamp,
-        spacing,
-        anatomy_key=anatomy_key,
-        anatomy_labels=anatomy_labels,
-        anatomy_from_label=anatomy_from_label,
+    crop_kwargs = dict(roi_size=roi_size, instance=instance, random=False, lesion_index=lesion_index)
+    return _preprocess_and_crop(
+        crop_kwargs, target_label, image_channel, ct_clamp, spacing, anatomy_key, anatomy_labels, anatomy_from_label
     )
-    extra = (anatomy_key,) if anatomy_key else ()
-    crop = get_crop_transforms(roi_size, instance=instance, random=False, lesion_index=lesion_index, extra_keys=extra)
-    return Compose([*pre.transforms, *crop.transforms])
 
 
 def load_datalist(dataset_json: str | os.PathLike, split: str = "training", base_dir: str | None = None) -> list[dict]:
