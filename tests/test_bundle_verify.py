@@ -128,7 +128,8 @@ def _tiny_network(seed=0):
     from scripts.modeling import build_sgp_sam
 
     torch.manual_seed(seed)
-    net = build_sgp_sam("tiny", img_size=64)
+    net = build_sgp_sam("tiny", img_size=64, click_map=True)  # as configs/cpu_tiny.json
+    torch.nn.init.normal_(net.click_map.out_proj.weight, std=0.2)  # zero-initialised too: make it count
     stages = list(net.sgpm.stages.values())
     for stage in stages:  # give the fusion blocks an effect (they are zero-initialised)
         torch.nn.init.normal_(stage.fusion.out_proj.weight, std=0.2)

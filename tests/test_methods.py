@@ -102,7 +102,7 @@ def test_method_preset_trains_and_evaluates(preset, preset_runs):
     assert 1 <= summary["metrics"]["overall"]["noc@85"]["mean"] <= 5
     if preset == "method_tags.json":
         # every evaluated lesion crop was encoded with its organ-mask crop
-        assert f"{summary['num_lesions']} crops with the anatomy prompt, 0 without" in run["eval_log"]
+        assert f"{summary['num_lesions']} lesions; {summary['num_lesions']} with the anatomy prompt" in run["eval_log"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def test_defaults_keep_the_plain_sgp_sam_network():
 
     parser = _parser(TRAIN_JSON, CPU_TINY)
     network = parser.get_parsed_content("network_def")
-    reference = build_sgp_sam("tiny", img_size=64)
+    reference = build_sgp_sam("tiny", img_size=64, click_map=True)  # cpu_tiny turns the click map on
     assert len(network.extensions) == 0 and network.sgpm is not None
     assert list(network.state_dict()) == list(reference.state_dict())
     assert parser.get_parsed_content("anatomy_key") is None

@@ -88,12 +88,13 @@ class _Encode(nn.Module):
 
 
 class _Decode(nn.Module):
-    """``network.decode`` holding only the prompt encoder and mask decoder (no encoder weights)."""
+    """``network.decode`` holding only the prompt encoder, click map and mask decoder (no encoder weights)."""
 
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
         self.prompt_encoder = network.prompt_encoder
         self.mask_decoder = network.mask_decoder
+        self.click_map = getattr(network, "click_map", None)
         self._decode = type(network).decode
 
     def forward(

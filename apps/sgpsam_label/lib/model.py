@@ -88,7 +88,7 @@ class NetworkLoader:
         # Seeded so every process (server, scoring/train subprocesses) builds the same random init.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return build_sgp_sam(self.settings.preset, sgpm=self.settings.sgpm)
+            return build_sgp_sam(self.settings.preset, sgpm=self.settings.sgpm, click_map=self.settings.click_map)
 
     def _load(self, path: str | None, key: str) -> LoadedModel:
         network = self._build()

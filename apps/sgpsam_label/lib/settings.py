@@ -24,6 +24,7 @@ CONF_HELP = {
     "model_dir": "where training writes model.pt / train_stats.json (default <app>/model/sgpsam_<preset>[_plain])",
     "preset": "network size: tiny | small | sam_med3d (default sam_med3d)",
     "sgpm": "true/false: Self-Gated Prompting Module on top of SAM-Med3D (default true)",
+    "click_map": "true/false: dense click-map prompt (docs/method.md; default false; true for cpu_tiny-trained models)",
     "device": "cpu | cuda | cuda:N (default cuda when available)",
     "cache_mb": "embedding/volume LRU cap in MiB (default 2048)",
     "image_channel": "input channel of multi-channel images (default: images must have one channel)",
@@ -62,6 +63,7 @@ def _number(value: Any, key: str, kind=float, minimum: float | None = None):
 class AppSettings:
     preset: str
     sgpm: bool
+    click_map: bool
     checkpoint: str | None  # None = random initialisation
     checkpoint_is_default: bool  # picked automatically (bundle/models/model.pt), not named by the user
     model_dir: str
@@ -96,6 +98,7 @@ class AppSettings:
         return {
             "preset": self.preset,
             "sgpm": self.sgpm,
+            "click_map": self.click_map,
             "checkpoint": self.checkpoint or "random-init",
             "model_dir": self.model_dir,
             "device": self.device,
@@ -154,6 +157,7 @@ class AppSettings:
         return cls(
             preset=preset,
             sgpm=sgpm,
+            click_map=_bool(conf.get("click_map", "false"), "click_map"),
             checkpoint=checkpoint,
             checkpoint_is_default=is_default,
             model_dir=model_dir,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from .click_prompt import ClickMapPrompt
 from .image_encoder import ImageEncoderViT3D
 from .mask_decoder import MaskDecoder3D
 from .prompt_encoder import PromptEncoder3D
@@ -83,6 +84,7 @@ def build_sgp_sam(
     gate_threshold: float = 0.5,
     attention_impl: str = "fast",
     in_chans: int = 1,
+    click_map: bool = False,
     adapter: str | None = None,
     adapter_dim: int | None = None,
     adapter_kernel: str | Sequence[int] = "depth",
@@ -107,6 +109,7 @@ def build_sgp_sam(
         gate_mode: "learned" or "open" (ablation: always fuse, no gate).
         gate_threshold: hard-gate threshold at inference.
         attention_impl: "fast" (exact, default) or "naive" padded-window attention.
+        click_map: add the dense click-map prompt (``click_map.*``, zero-initialised; ``click_prompt.py``).
         adapter: None or "ma_sam" (MA-SAM 3D adapters + FacT under ``extensions.ma_sam``).
         adapter_dim: MA-SAM adapter bottleneck (None: embed_dim // 2 = MA-SAM's 384 at 768; 0: no adapters).
         adapter_kernel: "depth" (MA-SAM, 3 along the slice axis Z), "cube" (depthwise 3^3), "cube_full" (full 3^3)
@@ -161,7 +164,10 @@ def build_sgp_sam(
             raise ValueError(f"sgpm_stages {bad} outside the encoder's blocks 0..{cfg['depth'] - 1}")
         fuse = {int(k): tuple(v) for k, v in (sgpm_fuse_depths or default_fuse_depths(stages, cfg["depth"])).items()}
         module = SelfGatedPromptingModule(cfg["embed_dim"], stages, fuse, gate_mode=gate_mode, threshold=gate_threshold)
-    model = SGPSAM(encoder, prompt_encoder, decoder, module)
+    clicks = None
+    if click_map:
+        clicks = ClickMapPrompt(cfg["out_chans"], (grid, grid, grid), (cfg["img_size"],) * 3, cfg["mask_in_chans"])
+    model = SGPSAM(encoder, prompt_encoder, decoder, module, clicks)
     if adapter is not None:
         if adapter != "ma_sam":
             raise ValueError(f"unknown adapter {adapter!r}; choose None or 'ma_sam'")

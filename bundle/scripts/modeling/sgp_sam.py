@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .click_prompt import ClickMapPrompt
 from .image_encoder import ImageEncoderViT3D
 from .mask_decoder import MaskDecoder3D
 from .prompt_encoder import PromptEncoder3D
@@ -30,12 +31,14 @@ class SGPSAM(nn.Module):
         prompt_encoder: PromptEncoder3D,
         mask_decoder: MaskDecoder3D,
         sgpm: SelfGatedPromptingModule | None = None,
+        click_map: ClickMapPrompt | None = None,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.sgpm = sgpm
+        self.click_map = click_map
         # Other parameter-efficient extensions (adapters, prompt branches) register themselves here.
         self.extensions = nn.ModuleDict()
 
@@ -92,6 +95,8 @@ class SGPSAM(nn.Module):
             raise ValueError("points and labels must be given together")
         prompt = (points, labels) if points is not None else None
         sparse, dense = self.prompt_encoder(prompt, mask_input, batch_size=image_embeddings.shape[0])
+        if self.click_map is not None and points is not None:
+            dense = dense + self.click_map(points.to(dense.device), labels.to(dense.device))
         return self.mask_decoder(
             image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=multimask_output
         )

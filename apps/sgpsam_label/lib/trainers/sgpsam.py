@@ -139,6 +139,7 @@ class SGPSAMTrain(BundleTrainTask):
                 "resume": False,
                 "preset": s.preset,
                 "sgpm": s.sgpm,
+                "click_map": s.click_map,
                 "roi_size": s.roi_size,
                 "spacing": s.spacing,
                 "image_channel": s.image_channel,
