@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import LayerNorm3d
+from .common import downscale_by_4
 
 Triple = tuple[int, int, int]
 
@@ -43,14 +43,7 @@ class ClickMapPrompt(nn.Module):
         self.map_size = tuple(4 * s for s in image_embedding_size)
         self.input_image_size = tuple(input_image_size)
         self.sigma = float(sigma)
-        self.downscaling = nn.Sequential(
-            nn.Conv3d(2, hidden_chans // 4, kernel_size=2, stride=2),
-            LayerNorm3d(hidden_chans // 4),
-            nn.GELU(),
-            nn.Conv3d(hidden_chans // 4, hidden_chans, kernel_size=2, stride=2),
-            LayerNorm3d(hidden_chans),
-            nn.GELU(),
-        )
+        self.downscaling = nn.Sequential(*downscale_by_4(2, hidden_chans))
         self.out_proj = nn.Conv3d(hidden_chans, embed_dim, kernel_size=1)
         nn.init.zeros_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)

@@ -50,3 +50,19 @@ class MLP(nn.Module):
             if index < len(self.layers) - 1:
                 x = torch.relu(x)
         return x
+
+
+def downscale_by_4(in_chans: int, out_chans: int) -> list[nn.Module]:
+    """Two stride-2 convolutions (LayerNorm3d + GELU after each): a low-res map (4X, 4Y, 4Z) -> the token grid.
+
+    SAM-Med3D's mask-prompt layout (``mask_downscaling.0/.1/.3/.4``); returned as a list so callers keep those
+    indices inside their own ``nn.Sequential``.
+    """
+    return [
+        nn.Conv3d(in_chans, out_chans // 4, kernel_size=2, stride=2),
+        LayerNorm3d(out_chans // 4),
+        nn.GELU(),
+        nn.Conv3d(out_chans // 4, out_chans, kernel_size=2, stride=2),
+        LayerNorm3d(out_chans),
+        nn.GELU(),
+    ]

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .common import LayerNorm3d
+from .common import downscale_by_4
 
 Triple = tuple[int, int, int]
 
@@ -63,13 +63,7 @@ class PromptEncoder3D(nn.Module):
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
         self.mask_input_size = tuple(4 * s for s in image_embedding_size)
         self.mask_downscaling = nn.Sequential(
-            nn.Conv3d(1, mask_in_chans // 4, kernel_size=2, stride=2),
-            LayerNorm3d(mask_in_chans // 4),
-            nn.GELU(),
-            nn.Conv3d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
-            LayerNorm3d(mask_in_chans),
-            nn.GELU(),
-            nn.Conv3d(mask_in_chans, embed_dim, kernel_size=1),
+            *downscale_by_4(1, mask_in_chans), nn.Conv3d(mask_in_chans, embed_dim, kernel_size=1)
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
