@@ -15,15 +15,12 @@ import numpy as np
 import torch
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents
+from monai.utils import convert_to_tensor
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
 from .click_rounds import evaluation_clicks, training_rounds
 from .modeling.tags import tags_alignment_loss
-
-
-def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else torch.as_tensor(tensor)
 
 
 def anatomy_inputs(batchdata: dict, anatomy_key: str | None, device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -32,7 +29,8 @@ def anatomy_inputs(batchdata: dict, anatomy_key: str | None, device: torch.devic
         return {}
     if anatomy_key not in batchdata:
         raise KeyError(f"anatomy_key '{anatomy_key}' is set but the batch has no such entry (check the preprocessing)")
-    return {"anatomy": _plain(batchdata[anatomy_key]).to(device=device, dtype=torch.float32)}
+    organ = convert_to_tensor(batchdata[anatomy_key], track_meta=False)
+    return {"anatomy": organ.to(device=device, dtype=torch.float32)}
 
 
 class ClickTrainingStep(nn.Module):
@@ -130,7 +128,7 @@ class InteractiveTrainer(SupervisedTrainer):
         encode_inputs = anatomy_inputs(batchdata, engine.anatomy_key, images.device)
         alignment_targets = batchdata.get(engine.alignment_label_key) if engine.alignment_label_key else None
         if alignment_targets is not None:
-            alignment_targets = _plain(alignment_targets).to(images.device)
+            alignment_targets = convert_to_tensor(alignment_targets, track_meta=False).to(images.device)
         engine.state.output = {Keys.IMAGE: images, Keys.LABEL: targets}
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)

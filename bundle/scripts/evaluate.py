@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.utils import convert_to_tensor
 
 from .checkpoint import CheckpointError, load_weights
 from .click_rounds import evaluation_clicks
@@ -49,10 +50,6 @@ logger = logging.getLogger("sgpsam.evaluate")
 
 DICE_KS = (1, 3, 5, 10)
 NOC_THRESHOLDS = (0.85, 0.90)
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    return t.as_tensor() if hasattr(t, "as_tensor") else t
 
 
 def _as_datalist(datalist: Any, split: str) -> list[dict]:
@@ -147,21 +144,23 @@ def evaluate_dataset(
         for k in range(len(sizes)):
             lo, hi = bboxes[k]
             start = np.floor((lo + hi) / 2.0 + 0.5).astype(np.int64) - crop // 2  # as LesionCropd
-            img = _plain(normalise_crop(crop_at(image, start, crop)))[None].to(device, torch.float32)
+            img = convert_to_tensor(normalise_crop(crop_at(image, start, crop)), track_meta=False)
+            img = img[None].to(device, torch.float32)
             lesion = torch.as_tensor(comps == k + 1)[None].float()
-            target = _plain(crop_at(lesion, start, crop))[0].numpy() > 0.5
+            target = convert_to_tensor(crop_at(lesion, start, crop), track_meta=False)[0].numpy() > 0.5
             if not target.any():
                 skipped += 1  # pathological shape with no voxel in its own centred crop
                 logger.warning("%s lesion %d: no voxel inside its centred crop, skipped", case, k)
                 continue
-            embedding = None
+            encode_inputs = {}
             if has_anatomy:
-                organ = _plain(crop_at(data[anatomy_key], start, crop))[None].to(device, torch.float32)
-                embedding = network.encode(img, anatomy=(organ > 0.5).float())
+                organ = convert_to_tensor(crop_at(data[anatomy_key], start, crop), track_meta=False)
+                encode_inputs["anatomy"] = (organ[None] > 0.5).to(device, torch.float32)
                 prompted_crops += 1
             res = evaluation_clicks(
-                network, img, target, max_clicks, spacing=(spacing,) * 3, embedding=embedding, keep_masks_at=(keep,)
-            )
+                network, img, target, max_clicks, spacing=(spacing,) * 3, keep_masks_at=(keep,),
+                encode_inputs=encode_inputs,
+            )  # fmt: skip
             mask_k = torch.as_tensor(res["masks_at"][keep])[None]
             merged |= paste_crop(mask_k, start, shape).bool()
             curve = _carry(res["dice"], max_clicks)

@@ -70,6 +70,7 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import SpatialResample
+from monai.utils import convert_to_tensor
 
 from .click_rounds import initial_mask_prompt
 from .transforms import InferenceImage, crop_at, file_voxel_to_resampled, normalise_crop, preprocess_image_for_inference
@@ -247,11 +248,6 @@ def _common_prefix(a: list, b: list) -> int:
             break
         n += 1
     return n
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """A MetaTensor's plain data (network inputs and our volumes need no meta tracking)."""
-    return t.as_tensor() if isinstance(t, MetaTensor) else t
 
 
 def _region(start: Sequence[int], size: int, shape: Sequence[int]) -> tuple[tuple, tuple] | None:
@@ -461,7 +457,7 @@ class InteractiveSegmenter:
             self.stats["cache_hits"] += 1
             return emb
         self.stats["cache_misses"] += 1
-        crop = _plain(normalise_crop(crop_at(inf.image, start, self.crop_size)))
+        crop = convert_to_tensor(normalise_crop(crop_at(inf.image, start, self.crop_size)), track_meta=False)
         emb = self.network.encode(crop[None].to(self.device, torch.float32))
         self.stats["encoder_runs"] += 1
         self._count_evictions(self._cache.put(key, emb, emb.numel() * emb.element_size()))
@@ -576,7 +572,8 @@ class InteractiveSegmenter:
             if start in seen:
                 continue
             seen.add(start)
-            prior = _plain(crop_at(logit_vol[None], start, s))[None].float()  # (1, 1, S, S, S)
+            prior = convert_to_tensor(crop_at(logit_vol[None], start, s), track_meta=False)
+            prior = prior[None].float()  # (1, 1, S, S, S)
             prompt = F.interpolate(prior, size=tuple(self.network.low_res_size), mode="area")
             emb = self._embedding(image_id, inf, start)
             inside = [c for c in obj.clicks if self._inside(c.point, start)]
