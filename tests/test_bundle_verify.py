@@ -128,8 +128,9 @@ def _tiny_network(seed=0):
     from scripts.modeling import build_sgp_sam
 
     torch.manual_seed(seed)
-    net = build_sgp_sam("tiny", img_size=64, click_map=True)  # as configs/cpu_tiny.json
+    net = build_sgp_sam("tiny", img_size=64, click_map=True, refiner=True)  # as configs/cpu_tiny.json
     torch.nn.init.normal_(net.click_map.out_proj.weight, std=0.2)  # zero-initialised too: make it count
+    torch.nn.init.normal_(net.refiner.out[1].weight, std=0.2)
     stages = list(net.sgpm.stages.values())
     for stage in stages:  # give the fusion blocks an effect (they are zero-initialised)
         torch.nn.init.normal_(stage.fusion.out_proj.weight, std=0.2)
@@ -182,7 +183,9 @@ def test_torch_export_matches_eager(tmp_path):
     assert [s.fusion_calls for s in net.sgpm.stages.values()] == [0, 1]
 
     diffs = compare_with_eager(net, tmp_path / "exported", num_points=(1, 3, 8))
-    assert max(diffs.values()) <= 1e-5, diffs
+    assert {"refined_1clicks", "refined_3clicks", "refined_8clicks"} <= set(diffs)
+    assert max(diffs.values()) <= 1e-4, diffs
+    assert info["refine"] == "refine.pt2" and paths["refine"].is_file()
 
     encode, decode = load_exported(tmp_path / "exported")
     emb = encode(torch.randn(1, 1, 64, 64, 64))

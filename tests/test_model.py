@@ -6,6 +6,8 @@ import pytest
 import torch
 from conftest import REFERENCE_DIR
 
+from scripts.clicks import dice
+from scripts.losses import build_loss
 from scripts.modeling import build_sgp_sam
 from scripts.modeling.attention import Attention3D
 from scripts.training_policy import count_parameters, optimizer_param_groups, set_trainable
@@ -314,3 +316,77 @@ def test_click_map_starts_as_identity_and_sits_outside_the_backbone():
     # positive click at voxel (10, 20, 30) of the 64^3 crop peaks at low-res (5, 10, 15); the negative one in channel 1
     assert tuple(int(i) for i in (maps[0, 0] == maps[0, 0].max()).nonzero()[0]) == (5, 10, 15)
     assert tuple(int(i) for i in (maps[0, 1] == maps[0, 1].max()).nonzero()[0]) == (20, 20, 20)
+
+
+def test_refiner_starts_as_identity_and_sits_outside_the_backbone():
+    torch.manual_seed(5)
+    plain = build_sgp_sam("tiny", sgpm=False, click_map=True).eval()
+    refined = build_sgp_sam("tiny", sgpm=False, click_map=True, refiner=True).eval()
+    missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("refiner.") for k in missing)
+    assert set(refined.backbone_state_keys()) == set(plain.backbone_state_keys())
+    images = torch.randn(2, 1, 64, 64, 64)
+    points, labels = _random_clicks(2, 3, 64, seed=6)
+    with torch.no_grad():
+        low, _ = refined.decode(refined.encode(images), points, labels)
+        features = refined.refine_features(images)
+        assert features.shape[2:] == (32, 32, 32)
+        up = refined.upscale_logits(low)
+        first = refined.full_res_logits(low, None, features, None, points, labels)
+        second = refined.full_res_logits(low, None, features, first, None, None)  # a mask-only round
+        assert torch.equal(first, up) and torch.equal(second, up)
+        assert torch.equal(plain.full_res_logits(low), up)  # no refiner: plain upsampling, no features needed
+        with pytest.raises(ValueError, match="refine_features"):
+            refined.full_res_logits(low, None, None, None, points, labels)
+        with pytest.raises(ValueError, match="even crop size"):
+            refined.refine_features(torch.randn(1, 1, 63, 63, 63))
+        with pytest.raises(ValueError, match="crop"):
+            refined.full_res_logits(low[:, :, :16, :16, :16], (32, 32, 32), features, None, points, labels)
+
+
+def _small_cube_scene(generator: torch.Generator, size: int = 32):
+    """A 2 x 3 x 2-voxel bright or dark cube at a random place on a noisy background, and its centre voxel."""
+    image = 0.15 * torch.randn(1, size, size, size, generator=generator)
+    corner = torch.randint(4, size - 6, (3,), generator=generator)
+    sign = 1.0 if bool(torch.rand(1, generator=generator) < 0.5) else -1.0
+    target = torch.zeros(1, size, size, size, dtype=torch.bool)
+    target[0, corner[0] : corner[0] + 2, corner[1] : corner[1] + 3, corner[2] : corner[2] + 2] = True
+    image = image + sign * target.float()
+    return image, target, (corner + torch.tensor([0, 1, 0])).float()
+
+
+def test_refiner_learns_lesions_smaller_than_a_low_res_voxel():
+    """The refiner's job as behaviour: 12-voxel cubes (smaller than the 4^3 voxels of the decoder's low-res grid
+    at img_size 32) are segmented at full resolution after brief training of the refiner alone, while the
+    trilinearly upsampled decoder output of the same frozen model cannot follow them."""
+    torch.manual_seed(0)
+    model = build_sgp_sam("tiny", sgpm=False, img_size=32, click_map=True, refiner=True)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("refiner."))
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    loss_fn = build_loss("zoom")
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.ones(4, 1, dtype=torch.long)
+    for _ in range(80):
+        scenes = [_small_cube_scene(generator) for _ in range(4)]
+        images = torch.stack([s[0] for s in scenes])
+        targets = torch.stack([s[1] for s in scenes]).float()
+        points = torch.stack([s[2] for s in scenes])[:, None]
+        with torch.no_grad():
+            low, _ = model.decode(model.encode(images), points, labels)
+        logits = model.full_res_logits(low, None, model.refine_features(images), None, points, labels)
+        loss = loss_fn(logits, targets)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    refined_dice, upsampled_dice = [], []
+    with torch.no_grad():
+        for _ in range(8):
+            image, target, point = _small_cube_scene(generator)
+            low, _ = model.decode(model.encode(image[None]), point[None, None], labels[:1])
+            logits = model.full_res_logits(low, None, model.refine_features(image[None]), None, point[None, None], labels[:1])
+            refined_dice.append(float(dice((logits[0] > 0).numpy(), target.numpy())))
+            upsampled_dice.append(float(dice((model.upscale_logits(low)[0] > 0).numpy(), target.numpy())))
+    assert sum(refined_dice) / 8 > 0.7, refined_dice
+    assert sum(upsampled_dice) / 8 < 0.2, upsampled_dice

@@ -43,6 +43,7 @@ def training_rounds(
         (summed loss, last round's full-resolution logits).
     """
     embeddings = network.encode(images, **(encode_inputs or {}))
+    features = network.refine_features(images)
     prev_logits = initial_mask_prompt(network, images.shape[0], images.device)
     target_bool = targets > 0.5
     total = images.new_zeros(())
@@ -51,11 +52,11 @@ def training_rounds(
         with torch.no_grad():
             pred = torch.zeros_like(target_bool) if logits is None else logits.detach() > 0
             points, labels = sample_training_click(pred, target_bool, generator)
-        if feed_points:
-            low_res, _ = network.decode(embeddings, points, labels, prev_logits)
-        else:
-            low_res, _ = network.decode(embeddings, mask_input=prev_logits)
-        logits = network.upscale_logits(low_res, images.shape[2:])
+        if not feed_points:
+            points = labels = None
+        low_res, _ = network.decode(embeddings, points, labels, prev_logits)
+        prev_full = None if logits is None else logits.detach()
+        logits = network.full_res_logits(low_res, images.shape[2:], features, prev_full, points, labels)
         total = total + loss_fn(logits.float(), targets.float())
         prev_logits = low_res.detach()  # no gradient through earlier rounds (memory), as in VISTA3D-style training
     return total, logits
@@ -88,7 +89,9 @@ def evaluation_clicks(
     """
     target = np.asarray(target, dtype=bool)
     embedding = network.encode(image, **(encode_inputs or {})) if embedding is None else embedding
+    features = network.refine_features(image)
     prev_logits = initial_mask_prompt(network, 1, image.device)
+    full_logits = None
     pred = np.zeros_like(target)
     result = {"dice": [], "points": [], "labels": [], "mask": pred, "low_res_logits": prev_logits, "masks_at": {}}
     for _ in range(num_clicks):
@@ -99,7 +102,8 @@ def evaluation_clicks(
         points = torch.as_tensor(np.asarray(point, dtype=np.float32)[None, None], device=image.device)
         labels = torch.as_tensor([[int(label)]], device=image.device)
         prev_logits, _ = network.decode(embedding, points, labels, prev_logits)
-        pred = (network.upscale_logits(prev_logits.float(), target.shape) > 0)[0, 0].cpu().numpy()
+        full_logits = network.full_res_logits(prev_logits.float(), target.shape, features, full_logits, points, labels)
+        pred = (full_logits > 0)[0, 0].cpu().numpy()
         result["dice"].append(float(dice(pred, target)))
         result["points"].append(tuple(int(p) for p in point))
         result["labels"].append(int(label))

@@ -1,4 +1,4 @@
-"""Export SGP-SAM's two inference halves with ``torch.export``: ``encode`` and ``decode``.
+"""Export SGP-SAM's inference parts with ``torch.export``: ``encode``, ``decode`` and, if present, ``refine``.
 
 Interactive use runs ``encode`` once per crop and ``decode`` once per click, so both are exported as separate
 programs (``encode.pt2``, ``decode.pt2``):
@@ -6,6 +6,15 @@ programs (``encode.pt2``, ``decode.pt2``):
     encode(image (1, 1, S, S, S) float32) -> embedding (1, C, S/p, S/p, S/p)
     decode(embedding, points (1, N, 3) float32, labels (1, N) int64, mask_input (1, 1, 4S/p, 4S/p, 4S/p) float32)
         -> (low-res logits (1, 1, 4S/p, 4S/p, 4S/p), iou (1, 1));  N is dynamic, 1..max_points
+
+A model with the high-resolution refiner (``refiner=True``) also gets ``refine.pt2``, which turns a round's
+low-res logits into crop-resolution logits (``network.full_res_logits``, refiner features computed inside):
+
+    refine(image (1, 1, S, S, S), low-res logits, prev_logits (1, 1, S, S, S), points, labels) -> (1, 1, S, S, S)
+
+where ``prev_logits`` is the previous round's ``refine`` output, or a tensor filled with ``-inf`` in round one
+(sigmoid 0, the same as no previous mask). Without a refiner, crop-resolution logits are the trilinear upsampling
+of the low-res logits (``align_corners=False``).
 
 Why not TorchScript (``python -m monai.bundle ckpt_export``): see bundle/docs/README.md, "Export". In short,
 ``torch.jit.script`` cannot compile the encoder (closure block hooks, ``**kwargs``, optional sub-modules,
@@ -39,10 +48,18 @@ from torch import nn
 from .checkpoint import load_weights
 from .modeling.sgpm import SGPMStage
 
-__all__ = ["traceable_gates", "export_encoder_decoder", "load_exported", "compare_with_eager", "main"]
+__all__ = [
+    "traceable_gates",
+    "export_encoder_decoder",
+    "load_exported",
+    "load_exported_refine",
+    "compare_with_eager",
+    "main",
+]
 
 ENCODE_FILE = "encode.pt2"
 DECODE_FILE = "decode.pt2"
+REFINE_FILE = "refine.pt2"
 INFO_FILE = "export_info.json"
 
 
@@ -103,6 +120,26 @@ class _Decode(nn.Module):
         return self._decode(self, embeddings, points, labels, mask_input)
 
 
+class _Refine(nn.Module):
+    """``network.full_res_logits`` with the refiner's features computed from the image (stateless program)."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.refiner = network.refiner
+        self.size = (network.img_size,) * 3
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        low_res_logits: torch.Tensor,
+        prev_logits: torch.Tensor,
+        points: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> torch.Tensor:
+        logits = nn.functional.interpolate(low_res_logits, size=self.size, mode="trilinear", align_corners=False)
+        return self.refiner(self.refiner.image_features(image), logits, prev_logits, points, labels)
+
+
 def _example_inputs(network: nn.Module, device: torch.device) -> tuple[torch.Tensor, ...]:
     size = network.img_size
     image = torch.zeros(1, 1, size, size, size, device=device)
@@ -113,13 +150,13 @@ def _example_inputs(network: nn.Module, device: torch.device) -> tuple[torch.Ten
 
 
 def export_encoder_decoder(network: nn.Module, output_dir: str | os.PathLike, max_points: int = 64) -> dict[str, Path]:
-    """Write ``encode.pt2`` and ``decode.pt2`` (``torch.export`` programs) and ``export_info.json``.
+    """Write ``encode.pt2``, ``decode.pt2`` (and ``refine.pt2`` with a refiner) and ``export_info.json``.
 
     The programs run on the device the network is on when exported (export on the deployment device). The
     network is put in eval mode (hard SGPM gate, as in inference).
 
     Returns:
-        {"encode": path, "decode": path, "info": path}
+        {"encode": path, "decode": path, "info": path} (+ "refine": path)
     """
     if max_points < 2:
         raise ValueError(f"max_points must be >= 2, got {max_points}")
@@ -139,9 +176,21 @@ def export_encoder_decoder(network: nn.Module, output_dir: str | os.PathLike, ma
             dynamic_shapes=({}, {1: num_points}, {1: num_points}, {}),
             strict=False,
         )
+        refine_program = None
+        if getattr(network, "refiner", None) is not None:
+            full = torch.zeros(1, 1, *image.shape[2:], device=device)
+            refine_program = torch.export.export(
+                _Refine(network),
+                (image, mask_input, full, points, labels),
+                dynamic_shapes=({}, {}, {}, {1: num_points}, {1: num_points}),
+                strict=False,
+            )
     paths = {"encode": out / ENCODE_FILE, "decode": out / DECODE_FILE, "info": out / INFO_FILE}
     torch.export.save(encode_program, paths["encode"])
     torch.export.save(decode_program, paths["decode"])
+    if refine_program is not None:
+        paths["refine"] = out / REFINE_FILE
+        torch.export.save(refine_program, paths["refine"])
     info = {
         "img_size": int(network.img_size),
         "embedding_shape": list(embeddings.shape),
@@ -150,6 +199,7 @@ def export_encoder_decoder(network: nn.Module, output_dir: str | os.PathLike, ma
         "device": str(device),
         "torch_version": torch.__version__,
         "sgpm_gate": "hard gate as masked product (fusion always computed)",
+        "refine": REFINE_FILE if refine_program is not None else None,
     }
     paths["info"].write_text(json.dumps(info, indent=1))
     return paths
@@ -161,12 +211,20 @@ def load_exported(output_dir: str | os.PathLike) -> tuple[nn.Module, nn.Module]:
     return torch.export.load(out / ENCODE_FILE).module(), torch.export.load(out / DECODE_FILE).module()
 
 
+def load_exported_refine(output_dir: str | os.PathLike) -> nn.Module | None:
+    """The ``refine`` callable of :func:`export_encoder_decoder`'s folder, None if the model had no refiner."""
+    path = Path(output_dir) / REFINE_FILE
+    return torch.export.load(path).module() if path.is_file() else None
+
+
 @torch.no_grad()
 def compare_with_eager(
     network: nn.Module, output_dir: str | os.PathLike, num_points: Sequence[int] = (1, 3), seed: int = 0
 ) -> dict[str, float]:
-    """Max |exported - eager| of embedding and low-res logits on a random crop and random clicks."""
+    """Max |exported - eager| of embedding, low-res logits (and refined logits) on a random crop and random clicks."""
     encode, decode = load_exported(output_dir)
+    refine = load_exported_refine(output_dir)
+    prev_full = None
     network.eval()
     device = next(network.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -183,6 +241,13 @@ def compare_with_eager(
         logits_export, iou_export = decode(emb_eager, points, labels, prev)
         diffs[f"logits_{n}clicks"] = float((logits_export - logits_eager).abs().max())
         diffs[f"iou_{n}clicks"] = float((iou_export - iou_eager).abs().max())
+        if refine is not None:
+            features = network.refine_features(image)
+            full_eager = network.full_res_logits(logits_eager, None, features, prev_full, points, labels)
+            prev_in = torch.full_like(full_eager, float("-inf")) if prev_full is None else prev_full
+            full_export = refine(image, logits_eager, prev_in, points, labels)
+            diffs[f"refined_{n}clicks"] = float((full_export - full_eager).abs().max())
+            prev_full = full_eager
         prev = logits_eager
     return diffs
 

@@ -162,8 +162,9 @@ class _Object:
 
     start: tuple[int, int, int]  # main crop start (resampled grid, may be negative)
     clicks: list[_Click] = field(default_factory=list)
-    logits: torch.Tensor | None = None  # (1, 1, *low_res) main-window logits after the last round
-    extra: list[tuple[tuple[int, int, int], torch.Tensor]] = field(default_factory=list)  # (start, low-res logits)
+    logits: torch.Tensor | None = None  # (1, 1, *low_res) main-window logits after the last round (mask prompt)
+    full: torch.Tensor | None = None  # (S, S, S) float16 CPU main-window crop-resolution logits (upsampled, refined)
+    extra: list[tuple[tuple[int, int, int], torch.Tensor]] = field(default_factory=list)  # (start, (S, S, S) logits)
 
     def copy(self) -> "_Object":
         return replace(self, clicks=list(self.clicks), extra=list(self.extra))
@@ -269,7 +270,8 @@ class InteractiveSegmenter:
 
     Args:
         network: SGP-SAM / SAM-Med3D model with ``encode``, ``decode``, ``upscale_logits``, ``img_size``,
-            ``low_res_size`` (moved to ``device`` and set to eval mode).
+            ``low_res_size`` and, if it has a ``refiner``, ``refine_features`` / ``full_res_logits`` (moved to
+            ``device`` and set to eval mode).
         device: torch device for the network and cached embeddings.
         spacing: isotropic resampling in mm (SAM-Med3D: 1.5).
         image_channel: input channel of multi-channel images (None: the image must have one channel).
@@ -448,6 +450,11 @@ class InteractiveSegmenter:
         self._count_evictions(self._cache.put(key, inf, inf.image.numel() * inf.image.element_size()))
         return inf
 
+    def _crop(self, inf: InferenceImage, start: tuple[int, int, int]) -> torch.Tensor:
+        """Normalised network input (1, 1, S, S, S) of the window at ``start``."""
+        crop = convert_to_tensor(normalise_crop(crop_at(inf.image, start, self.crop_size)), track_meta=False)
+        return crop[None].to(self.device, torch.float32)
+
     @torch.inference_mode()
     def _embedding(self, image_id: str, inf: InferenceImage, start: tuple[int, int, int]) -> torch.Tensor:
         """Image embedding (1, C, g, g, g) of the crop at ``start``, from the LRU or a fresh encoder run."""
@@ -457,28 +464,49 @@ class InteractiveSegmenter:
             self.stats["cache_hits"] += 1
             return emb
         self.stats["cache_misses"] += 1
-        crop = convert_to_tensor(normalise_crop(crop_at(inf.image, start, self.crop_size)), track_meta=False)
-        emb = self.network.encode(crop[None].to(self.device, torch.float32))
+        emb = self.network.encode(self._crop(inf, start))
         self.stats["encoder_runs"] += 1
         self._count_evictions(self._cache.put(key, emb, emb.numel() * emb.element_size()))
         return emb
 
     @torch.inference_mode()
+    def _refine_features(self, image_id: str, inf: InferenceImage, start: tuple[int, int, int]) -> torch.Tensor:
+        """The refiner's image features of the crop at ``start`` (cached like embeddings)."""
+        key = ("ref", image_id, self.spacing, self.image_channel, self.ct_clamp, tuple(start), self.model_version)
+        features = self._cache.get(key)
+        if features is None:
+            features = self.network.refine_features(self._crop(inf, start))
+            self._count_evictions(self._cache.put(key, features, features.numel() * features.element_size()))
+        return features
+
+    def _click_tensors(self, clicks: list[_Click], start) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(1, N, 3) crop voxel coordinates and (1, N) labels of the clicks; (None, None) without clicks."""
+        if not clicks:
+            return None, None
+        pts = np.asarray([c.point for c in clicks], dtype=np.float32) - np.asarray(start, dtype=np.float32)
+        labels = torch.as_tensor([[c.label for c in clicks]], device=self.device, dtype=torch.long)
+        return torch.as_tensor(pts[None], device=self.device), labels
+
+    @torch.inference_mode()
     def _decode(self, emb, clicks: list[_Click], start, mask_prompt: torch.Tensor) -> torch.Tensor:
         """One prompt-encoder + decoder round; clicks in resampled coordinates; returns (1, 1, *low_res) logits."""
-        points = labels = None
-        if clicks:
-            pts = np.asarray([c.point for c in clicks], dtype=np.float32) - np.asarray(start, dtype=np.float32)
-            points = torch.as_tensor(pts[None], device=self.device)
-            labels = torch.as_tensor([[c.label for c in clicks]], device=self.device, dtype=torch.long)
+        points, labels = self._click_tensors(clicks, start)
         logits, _ = self.network.decode(emb, points, labels, mask_prompt.to(self.device, torch.float32))
         self.stats["decoder_runs"] += 1
         return logits.float()
 
-    def _upscaled(self, low_res: torch.Tensor) -> torch.Tensor:
-        """(S, S, S) float CPU full-resolution logits of one window."""
-        with torch.inference_mode():
-            return self.network.upscale_logits(low_res, (self.crop_size,) * 3)[0, 0].float().cpu()
+    @torch.inference_mode()
+    def _full_res(self, image_id, inf, start, low_res, prev: torch.Tensor | None, clicks: list[_Click]) -> torch.Tensor:
+        """(S, S, S) float16 CPU crop-resolution logits of one window's round: upsampled, then refined if the model
+        has a refiner (which also sees the window's previous logits ``prev`` and the round's clicks)."""
+        size = (self.crop_size,) * 3
+        if getattr(self.network, "refiner", None) is None:
+            return self.network.upscale_logits(low_res, size)[0, 0].half().cpu()
+        points, labels = self._click_tensors(clicks, start)
+        prev_logits = None if prev is None else prev[None, None].to(self.device, torch.float32)
+        features = self._refine_features(image_id, inf, start)
+        logits = self.network.full_res_logits(low_res, size, features, prev_logits, points, labels)
+        return logits[0, 0].half().cpu()  # half precision: snapshots (undo) keep one per window and round
 
     # -- geometry helpers -----------------------------------------------------------------------------------------
     def _inside(self, point, start, margin: float = 0.0) -> bool:
@@ -540,6 +568,7 @@ class InteractiveSegmenter:
                 emb = self._embedding(image_id, inf, obj.start)
                 prompt = obj.logits if obj.logits is not None else initial_mask_prompt(self.network, 1, self.device)
                 obj.logits = self._decode(emb, in_main, obj.start, prompt)
+                obj.full = self._full_res(image_id, inf, obj.start, obj.logits, obj.full, in_main)
             obj.extra = self._extend(image_id, inf, obj)
 
     def _extend(self, image_id: str, inf: InferenceImage, obj: _Object) -> list[tuple[tuple[int, int, int], Any]]:
@@ -557,13 +586,13 @@ class InteractiveSegmenter:
             reg = _region(start, s, shape)
             if reg is not None:
                 dst, src = reg
-                sub, cov = up[src], covered[dst]
+                sub, cov = up[src].float(), covered[dst]
                 logit_vol[dst] = torch.where(cov, torch.maximum(logit_vol[dst], sub), sub)
                 covered[dst] = True
                 win_mask[src] = sub > 0
             return win_mask
 
-        main_mask = add(obj.start, self._upscaled(obj.logits))
+        main_mask = add(obj.start, obj.full)
         queue = deque(self._touching_faces(obj.start, main_mask, shape))
         seen = {tuple(obj.start)}
         extra = []
@@ -577,24 +606,24 @@ class InteractiveSegmenter:
             prompt = F.interpolate(prior, size=tuple(self.network.low_res_size), mode="area")
             emb = self._embedding(image_id, inf, start)
             inside = [c for c in obj.clicks if self._inside(c.point, start)]
-            low = self._decode(emb, inside, start, prompt)
-            extra.append((start, low))
-            win_mask = add(start, self._upscaled(low))
+            full = self._full_res(image_id, inf, start, self._decode(emb, inside, start, prompt), None, inside)
+            extra.append((start, full))
+            win_mask = add(start, full)
             queue.extend(n for n in self._touching_faces(start, win_mask, shape) if n not in seen)
         return extra
 
     # -- output -------------------------------------------------------------------------------------------------
     def _merge(self, objects: list[_Object], inf: InferenceImage) -> torch.Tensor:
-        """Union of every object's windows (sigmoid > 0.5 of the upsampled logits) in the resampled grid (X, Y, Z)."""
+        """Union of every object's windows (sigmoid > 0.5 of the crop-resolution logits) in the resampled grid."""
         s = self.crop_size
         shape = tuple(int(n) for n in inf.image.shape[1:])
         vol = torch.zeros(shape, dtype=torch.bool)
         for obj in objects:
-            for start, low in [(obj.start, obj.logits), *obj.extra]:
+            for start, full in [(obj.start, obj.full), *obj.extra]:
                 reg = _region(start, s, shape)
-                if reg is not None and low is not None:
+                if reg is not None and full is not None:
                     dst, src = reg
-                    vol[dst] |= self._upscaled(low)[src] > 0
+                    vol[dst] |= full[src] > 0
         return vol
 
     def _to_original(self, vol: torch.Tensor, inf: InferenceImage) -> np.ndarray:

@@ -42,7 +42,11 @@ def dilate(mask: torch.Tensor, margin: int) -> torch.Tensor:
 
 
 def balanced_focal(
-    focal: torch.Tensor, target: torch.Tensor, region: torch.Tensor | None = None, alpha_fg: float = 0.5
+    focal: torch.Tensor,
+    target: torch.Tensor,
+    region: torch.Tensor | None = None,
+    alpha_fg: float = 0.5,
+    bg_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Voxel-balanced mean of per-voxel focal values: foreground and background are averaged separately.
 
@@ -56,6 +60,8 @@ def balanced_focal(
         target: ``(B, C, *spatial)`` binary target.
         region: optional ``(B, C, *spatial)`` bool mask restricting both means; whole crop if None.
         alpha_fg: weight of the foreground mean, background gets ``1 - alpha_fg``.
+        bg_count: optional ``(B, C)`` divisor of the background sum in place of the region's background voxel count
+            (where > 0); the Zoom Loss passes the lesion rim's size so false positives do not dilute themselves.
 
     Returns:
         ``(B, C)`` balanced focal value.
@@ -69,7 +75,11 @@ def balanced_focal(
     n_fg, n_bg = fg.sum(-1), bg.sum(-1)
     # clamp avoids 0/0; an empty class then has mean 0 and its weight is switched off below
     mean_fg = (values * fg).sum(-1) / n_fg.clamp_min(1)
-    mean_bg = (values * bg).sum(-1) / n_bg.clamp_min(1)
+    if bg_count is not None:
+        n_bg_norm = torch.where(bg_count > 0, bg_count.to(n_bg.dtype), n_bg)
+    else:
+        n_bg_norm = n_bg
+    mean_bg = (values * bg).sum(-1) / n_bg_norm.clamp_min(1)
     w_fg = alpha_fg * (n_fg > 0).to(values.dtype)
     w_bg = (1.0 - alpha_fg) * (n_bg > 0).to(values.dtype)
     denom = w_fg + w_bg
@@ -92,6 +102,13 @@ class ZoomLoss(nn.Module):
       ``2m+1`` (``m = zoom_margin``). Dilating the target puts the lesion rim in focus; dilating the prediction
       as well keeps false-positive blobs (and their rims) in focus even when they are away from the lesion or the
       crop has no lesion. ``zoom_on_prediction=False`` uses the target alone (ablation).
+    * In ``F_b(Zr)`` the background sum is divided by the size of the lesion's own rim,
+      ``|dilate_m(y) \ y|``, not by the background count of ``Zr`` (``rim_normalised``; the region count where
+      the crop has no lesion). Dividing by ``Zr``'s count would let a false-positive blob dilute itself: the blob
+      enlarges the region it is averaged over, so its mean saturates and the loss hardly cares how big it is. A
+      tiny lesion then gets a blob of the size that suits large lesions. With the rim as divisor, false-positive
+      voxels cost in proportion to the lesion's scale: a 4-voxel lesion's blob of 4000 voxels costs about ten
+      times a missed lesion, while the same blob next to a 7000-voxel lesion is a small boundary error.
     * ``L_b = w_d·Dice_b + λ·(F_b(Ω) + w_z·F_b(Zr))``, ``Ω`` = whole crop, ``Dice_b`` = MONAI soft Dice
       (sigmoid, per sample, smooth 1e-5).
 
@@ -107,6 +124,8 @@ class ZoomLoss(nn.Module):
         zoom_weight: w_z, weight of the zoom-region focal term (0 disables it).
         dice_weight: w_d, weight of the Dice term.
         zoom_on_prediction: also dilate the predicted foreground into the zoom region.
+        rim_normalised: divide the zoom term's background sum by the lesion rim's size (see above; False: by the
+            zoom region's background count, the earlier form, for ablation).
         reduction: "mean" | "sum" over the batch, or "none" for a ``(B,)`` tensor.
         smooth: Dice numerator/denominator smoothing.
     """
@@ -120,6 +139,7 @@ class ZoomLoss(nn.Module):
         zoom_weight: float = 1.0,
         dice_weight: float = 1.0,
         zoom_on_prediction: bool = True,
+        rim_normalised: bool = True,
         reduction: str = "mean",
         smooth: float = 1e-5,
     ) -> None:
@@ -135,6 +155,7 @@ class ZoomLoss(nn.Module):
         self.zoom_weight = float(zoom_weight)
         self.dice_weight = float(dice_weight)
         self.zoom_on_prediction = bool(zoom_on_prediction)
+        self.rim_normalised = bool(rim_normalised)
         self.reduction = reduction
         self.dice = DiceLoss(sigmoid=True, batch=False, reduction="none", smooth_nr=smooth, smooth_dr=smooth)
         self.focal = FocalLoss(gamma=self.gamma, use_softmax=False, reduction="none")
@@ -169,7 +190,11 @@ class ZoomLoss(nn.Module):
             if self.zoom_on_prediction:
                 seed = seed | (logits.detach() > 0)  # sigmoid(z) > 0.5
             region = dilate(seed, self.zoom_margin)
-            focal_zoom = balanced_focal(fl, target, region, self.alpha_fg).mean(1)
+            rim = None
+            if self.rim_normalised:
+                lesion = target > 0
+                rim = (dilate(lesion, self.zoom_margin) & ~lesion).flatten(2).sum(-1)
+            focal_zoom = balanced_focal(fl, target, region, self.alpha_fg, rim).mean(1)
             loss = loss + self.lambda_focal * self.zoom_weight * focal_zoom
 
         self.last_terms = {

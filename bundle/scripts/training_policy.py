@@ -6,7 +6,7 @@ from typing import Iterable
 
 from torch import nn
 
-GROUPS = ("image_encoder", "prompt_encoder", "click_map", "mask_decoder", "sgpm", "extensions")
+GROUPS = ("image_encoder", "prompt_encoder", "click_map", "mask_decoder", "refiner", "sgpm", "extensions")
 
 
 def parameter_group(name: str) -> str:
@@ -32,6 +32,7 @@ def set_trainable(
         "prompt_encoder": train_prompt_encoder,
         "click_map": train_prompt_encoder,  # the click map is a second prompt encoder, trained with the first
         "mask_decoder": train_mask_decoder,
+        "refiner": train_mask_decoder,  # the refiner finishes the decoder's mask, trained with it
         "sgpm": train_sgpm,
         "extensions": train_extensions,
         "other": True,

@@ -88,7 +88,12 @@ class NetworkLoader:
         # Seeded so every process (server, scoring/train subprocesses) builds the same random init.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return build_sgp_sam(self.settings.preset, sgpm=self.settings.sgpm, click_map=self.settings.click_map)
+            return build_sgp_sam(
+                self.settings.preset,
+                sgpm=self.settings.sgpm,
+                click_map=self.settings.click_map,
+                refiner=self.settings.refiner,
+            )
 
     def _load(self, path: str | None, key: str) -> LoadedModel:
         network = self._build()

@@ -25,6 +25,7 @@ CONF_HELP = {
     "preset": "network size: tiny | small | sam_med3d (default sam_med3d)",
     "sgpm": "true/false: Self-Gated Prompting Module on top of SAM-Med3D (default true)",
     "click_map": "true/false: dense click-map prompt (docs/method.md; default false; true for cpu_tiny-trained models)",
+    "refiner": "true/false: high-resolution mask refiner (docs/method.md; default false; true for cpu_tiny-trained models)",
     "device": "cpu | cuda | cuda:N (default cuda when available)",
     "cache_mb": "embedding/volume LRU cap in MiB (default 2048)",
     "image_channel": "input channel of multi-channel images (default: images must have one channel)",
@@ -64,6 +65,7 @@ class AppSettings:
     preset: str
     sgpm: bool
     click_map: bool
+    refiner: bool
     checkpoint: str | None  # None = random initialisation
     checkpoint_is_default: bool  # picked automatically (bundle/models/model.pt), not named by the user
     model_dir: str
@@ -99,6 +101,7 @@ class AppSettings:
             "preset": self.preset,
             "sgpm": self.sgpm,
             "click_map": self.click_map,
+            "refiner": self.refiner,
             "checkpoint": self.checkpoint or "random-init",
             "model_dir": self.model_dir,
             "device": self.device,
@@ -158,6 +161,7 @@ class AppSettings:
             preset=preset,
             sgpm=sgpm,
             click_map=_bool(conf.get("click_map", "false"), "click_map"),
+            refiner=_bool(conf.get("refiner", "false"), "refiner"),
             checkpoint=checkpoint,
             checkpoint_is_default=is_default,
             model_dir=model_dir,

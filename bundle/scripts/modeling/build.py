@@ -8,6 +8,7 @@ from .click_prompt import ClickMapPrompt
 from .image_encoder import ImageEncoderViT3D
 from .mask_decoder import MaskDecoder3D
 from .prompt_encoder import PromptEncoder3D
+from .refine import MaskRefiner
 from .sgp_sam import SGPSAM
 from .sgpm import SelfGatedPromptingModule
 
@@ -85,6 +86,7 @@ def build_sgp_sam(
     attention_impl: str = "fast",
     in_chans: int = 1,
     click_map: bool = False,
+    refiner: bool = False,
     adapter: str | None = None,
     adapter_dim: int | None = None,
     adapter_kernel: str | Sequence[int] = "depth",
@@ -110,6 +112,7 @@ def build_sgp_sam(
         gate_threshold: hard-gate threshold at inference.
         attention_impl: "fast" (exact, default) or "naive" padded-window attention.
         click_map: add the dense click-map prompt (``click_map.*``, zero-initialised; ``click_prompt.py``).
+        refiner: add the high-resolution mask refiner (``refiner.*``, zero-initialised; ``refine.py``).
         adapter: None or "ma_sam" (MA-SAM 3D adapters + FacT under ``extensions.ma_sam``).
         adapter_dim: MA-SAM adapter bottleneck (None: embed_dim // 2 = MA-SAM's 384 at 768; 0: no adapters).
         adapter_kernel: "depth" (MA-SAM, 3 along the slice axis Z), "cube" (depthwise 3^3), "cube_full" (full 3^3)
@@ -167,7 +170,7 @@ def build_sgp_sam(
     clicks = None
     if click_map:
         clicks = ClickMapPrompt(cfg["out_chans"], (grid, grid, grid), (cfg["img_size"],) * 3, cfg["mask_in_chans"])
-    model = SGPSAM(encoder, prompt_encoder, decoder, module, clicks)
+    model = SGPSAM(encoder, prompt_encoder, decoder, module, clicks, MaskRefiner(in_chans) if refiner else None)
     if adapter is not None:
         if adapter != "ma_sam":
             raise ValueError(f"unknown adapter {adapter!r}; choose None or 'ma_sam'")

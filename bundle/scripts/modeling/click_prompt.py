@@ -50,14 +50,25 @@ class ClickMapPrompt(nn.Module):
 
     def heat_maps(self, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """points (B, N, 3) crop voxel indices, labels (B, N) (1 / 0 / -1 padding) -> (B, 2, *map_size) in [0, 1]."""
-        scale = points.new_tensor([m / s for m, s in zip(self.map_size, self.input_image_size)], dtype=torch.float32)
-        centres = (points.float() + 0.5) * scale - 0.5  # voxel centre -> low-res grid coordinates
-        axes = [torch.arange(n, device=points.device, dtype=torch.float32) for n in self.map_size]
-        # separable Gaussian per click: (B, N, X), (B, N, Y), (B, N, Z)
-        g = [torch.exp(-((ax - centres[..., i, None]) ** 2) / (2 * self.sigma**2)) for i, ax in enumerate(axes)]
-        per_click = g[0][..., :, None, None] * g[1][..., None, :, None] * g[2][..., None, None, :]
-        maps = [(per_click * (labels == value)[..., None, None, None]).amax(1) for value in (1, 0)]
-        return torch.stack(maps, dim=1)
+        return click_heat_maps(points, labels, self.map_size, self.input_image_size, self.sigma)
 
     def forward(self, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.out_proj(self.downscaling(self.heat_maps(points, labels)))
+
+
+def click_heat_maps(
+    points: torch.Tensor, labels: torch.Tensor, map_size: Triple, input_image_size: Triple, sigma: float
+) -> torch.Tensor:
+    """Gaussian click maps: points (B, N, 3) crop voxel indices, labels (B, N) -> (B, 2, *map_size) in [0, 1].
+
+    Channel 0 holds the positive clicks (label 1), channel 1 the negative ones (label 0); padding (-1) is dropped.
+    ``sigma`` is in ``map_size`` voxels; a click's maximum over overlapping clicks of its kind is kept.
+    """
+    scale = points.new_tensor([m / s for m, s in zip(map_size, input_image_size)], dtype=torch.float32)
+    centres = (points.float() + 0.5) * scale - 0.5  # voxel centre -> map grid coordinates
+    axes = [torch.arange(n, device=points.device, dtype=torch.float32) for n in map_size]
+    # separable Gaussian per click: (B, N, X), (B, N, Y), (B, N, Z)
+    g = [torch.exp(-((ax - centres[..., i, None]) ** 2) / (2 * sigma**2)) for i, ax in enumerate(axes)]
+    per_click = g[0][..., :, None, None] * g[1][..., None, :, None] * g[2][..., None, None, :]
+    maps = [(per_click * (labels == value)[..., None, None, None]).amax(1) for value in (1, 0)]
+    return torch.stack(maps, dim=1)

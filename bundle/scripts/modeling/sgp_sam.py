@@ -10,6 +10,7 @@ from .click_prompt import ClickMapPrompt
 from .image_encoder import ImageEncoderViT3D
 from .mask_decoder import MaskDecoder3D
 from .prompt_encoder import PromptEncoder3D
+from .refine import MaskRefiner
 from .sgpm import SelfGatedPromptingModule
 
 BACKBONE_PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
@@ -23,6 +24,8 @@ class SGPSAM(nn.Module):
     strictly into the backbone.
 
     Use ``encode`` once per image crop and ``decode`` once per click round; ``forward`` chains both.
+    ``full_res_logits`` turns a round's low-res logits into crop-resolution logits: trilinear upsampling, then the
+    optional high-resolution ``refiner`` (which needs ``refine_features`` of the crop, computed once like ``encode``).
     """
 
     def __init__(
@@ -32,6 +35,7 @@ class SGPSAM(nn.Module):
         mask_decoder: MaskDecoder3D,
         sgpm: SelfGatedPromptingModule | None = None,
         click_map: ClickMapPrompt | None = None,
+        refiner: MaskRefiner | None = None,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
@@ -39,6 +43,7 @@ class SGPSAM(nn.Module):
         self.mask_decoder = mask_decoder
         self.sgpm = sgpm
         self.click_map = click_map
+        self.refiner = refiner
         # Other parameter-efficient extensions (adapters, prompt branches) register themselves here.
         self.extensions = nn.ModuleDict()
 
@@ -116,3 +121,31 @@ class SGPSAM(nn.Module):
         """Trilinear (align_corners=False) upsampling of low-res logits to the input crop size."""
         size = size or (self.img_size,) * 3
         return F.interpolate(low_res_logits, size=size, mode="trilinear", align_corners=False)
+
+    def refine_features(self, images: torch.Tensor):
+        """Refiner image features of the crop (once per crop, like ``encode``); None without a refiner."""
+        return None if self.refiner is None else self.refiner.image_features(images)
+
+    def full_res_logits(
+        self,
+        low_res_logits: torch.Tensor,
+        size: tuple[int, int, int] | None = None,
+        features=None,
+        prev_logits: torch.Tensor | None = None,
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Crop-resolution logits (B, 1, S, S, S) of one round.
+
+        Args:
+            low_res_logits: the round's ``decode`` output.
+            features: ``refine_features(images)``; required when the model has a refiner.
+            prev_logits: the previous round's ``full_res_logits`` (None in round one).
+            points, labels: the round's clicks as given to ``decode`` (None for a mask-only round).
+        """
+        logits = self.upscale_logits(low_res_logits, size)
+        if self.refiner is None:
+            return logits
+        if features is None:
+            raise ValueError("this model has a high-resolution refiner: pass features=model.refine_features(images)")
+        return self.refiner(features, logits, prev_logits, points, labels)

@@ -140,6 +140,7 @@ class SGPSAMTrain(BundleTrainTask):
                 "preset": s.preset,
                 "sgpm": s.sgpm,
                 "click_map": s.click_map,
+                "refiner": s.refiner,
                 "roi_size": s.roi_size,
                 "spacing": s.spacing,
                 "image_channel": s.image_channel,

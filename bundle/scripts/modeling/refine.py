@@ -1,0 +1,122 @@
+"""High-resolution mask refiner: corrects the upsampled decoder mask on the input grid, where small lesions live.
+
+SAM-Med3D's decoder predicts at a quarter of the input resolution (32^3 for a 128^3 crop; 3 mm voxels for the
+tiny preset's 64^3 crop at 1.5 mm). A 3-10 mm lesion is one to three low-res voxels, so its outline is whatever
+trilinear upsampling makes of them. This small convolutional head sees the image at full resolution, the
+upsampled decoder logits, its own previous output (the full-resolution history of the interaction) and the
+round's clicks, and predicts a residual added to the upsampled logits.
+
+It works at half resolution on sub-voxel channels: every 2x2x2 block of the input grid becomes 8 channels of one
+voxel (pixel unshuffle, lossless), the convolutions run on that grid, and the output's 8 channels are shuffled
+back to full resolution. So it predicts every voxel of the crop at an eighth of the cost of full-resolution
+convolutions (CPU convolutions with few channels are memory-bound). The last convolution is zero-initialised:
+a fresh refiner returns the upsampled logits unchanged, so a SAM-Med3D checkpoint behaves exactly as released
+until the refiner is trained. Our design (docs/method.md); not part of SAM-Med3D or the SGP-SAM paper.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.utils import pixelshuffle, pixelunshuffle
+from torch import nn
+
+from .click_prompt import click_heat_maps
+
+# upsampled decoder probability, previous refined probability, positive and negative click maps, and the image's
+# contrast to the tissue under the positive clicks and to the tissue inside the previous mask
+PROMPT_CHANS = 6
+SUBVOXELS = 8  # 2 x 2 x 2
+
+
+class MaskRefiner(nn.Module):
+    """(image features, upsampled logits, previous logits, clicks) -> refined logits on the input grid.
+
+    Args:
+        in_chans: image channels.
+        image_chans: image feature channels (computed once per crop by ``image_features``).
+        hidden_chans: channels of the per-round convolutions.
+        click_sigma: Gaussian width of the click maps in input voxels.
+    """
+
+    def __init__(self, in_chans: int = 1, image_chans: int = 16, hidden_chans: int = 16, click_sigma: float = 1.5):
+        super().__init__()
+        self.click_sigma = float(click_sigma)
+        self.in_chans = int(in_chans)
+        self.image_stem = nn.Sequential(
+            nn.Conv3d(in_chans * SUBVOXELS, image_chans, kernel_size=3, padding=1),
+            nn.GELU(),
+            nn.Conv3d(image_chans, image_chans, kernel_size=3, padding=1),
+            nn.GELU(),
+        )
+        h = hidden_chans
+        self.prompt_in = nn.Sequential(
+            nn.Conv3d(in_chans * SUBVOXELS + image_chans + PROMPT_CHANS * SUBVOXELS, h, kernel_size=1),
+            nn.GELU(),
+            nn.Conv3d(h, h, kernel_size=3, padding=1),
+            nn.GELU(),
+        )
+        # context at a quarter resolution: what the lesion around the click looks like (receptive field ~ 40 voxels)
+        self.context = nn.Sequential(
+            nn.Conv3d(h, 2 * h, kernel_size=2, stride=2),
+            nn.GELU(),
+            nn.Conv3d(2 * h, 2 * h, kernel_size=3, padding=1),
+            nn.GELU(),
+            nn.Conv3d(2 * h, 2 * h, kernel_size=3, padding=1),
+            nn.GELU(),
+            nn.ConvTranspose3d(2 * h, h, kernel_size=2, stride=2),
+        )
+        self.out = nn.Sequential(nn.GELU(), nn.Conv3d(h, SUBVOXELS, kernel_size=3, padding=1))
+        nn.init.zeros_(self.out[1].weight)
+        nn.init.zeros_(self.out[1].bias)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, S, S, S), S even -> features (B, 8C + F, S/2, S/2, S/2): the image's sub-voxels, then the stem's."""
+        if any(n % 2 for n in images.shape[2:]):
+            raise ValueError(f"the refiner needs an even crop size, got {tuple(images.shape[2:])}")
+        sub = pixelunshuffle(images, 3, 2)
+        return torch.cat([sub, self.image_stem(sub)], dim=1)
+
+    @staticmethod
+    def intensity_contrast(image: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(locally smoothed) image minus its ``weights``-weighted mean: the clicked / segmented tissue's contrast.
+
+        image (B, 1, S, S, S); weights (B, 1, S, S, S) >= 0 (the positive click map plus the previous mask). A row
+        without weight gets zeros. The network could learn this comparison itself, but only slowly; with it given,
+        "same tissue as under the click" is one convolution away.
+        """
+        smooth = F.avg_pool3d(image, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        total = weights.flatten(1).sum(1)
+        reference = (smooth * weights).flatten(1).sum(1) / total.clamp_min(1e-6)
+        return torch.where(total[:, None, None, None, None] > 1e-3, smooth - reference[:, None, None, None, None], 0.0)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        logits: torch.Tensor,
+        prev_logits: torch.Tensor | None = None,
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Refined logits (B, 1, S, S, S).
+
+        Args:
+            features: ``image_features`` of the crop (batch 1 broadcasts over the prompts' batch).
+            logits: (B, 1, S, S, S) upsampled decoder logits.
+            prev_logits: (B, 1, S, S, S) the previous round's refined logits; None in round one.
+            points, labels: the round's clicks as given to ``decode`` (crop voxel indices); None for a mask-only round.
+        """
+        batch, size = logits.shape[0], tuple(logits.shape[2:])
+        if tuple(2 * n for n in features.shape[2:]) != size:
+            raise ValueError(f"refiner features are for a {tuple(2 * n for n in features.shape[2:])} crop, logits {size}")
+        prev = torch.zeros_like(logits) if prev_logits is None else torch.sigmoid(prev_logits.to(logits.dtype))
+        if points is None or points.shape[1] == 0:
+            clicks = logits.new_zeros((batch, 2, *size))
+        else:
+            clicks = click_heat_maps(points, labels, size, size, self.click_sigma).to(logits.dtype)
+        features = features.expand(batch, -1, -1, -1, -1).to(logits.dtype)
+        image = pixelshuffle(features[:, : self.in_chans * SUBVOXELS], 3, 2)[:, :1]
+        contrast = [self.intensity_contrast(image, clicks[:, :1]), self.intensity_contrast(image, prev)]
+        prompts = pixelunshuffle(torch.cat([torch.sigmoid(logits), prev, clicks, *contrast], dim=1), 3, 2)
+        local = self.prompt_in(torch.cat([features, prompts], dim=1))
+        return logits + pixelshuffle(self.out(local + self.context(local)), 3, 2)
