@@ -124,6 +124,31 @@ def test_large_object_extends_with_overlapping_windows(tiny_net, brain1):
     assert np.all(extended.mask[single.mask > 0] == 1)  # union: the main window's mask is kept
 
 
+def test_refiner_output_is_served_with_exact_undo_and_extension(brain1):
+    """A model with the high-resolution refiner: the app serves the refined mask (not the plain upsampling), keeps
+    the refiner's per-window history so undo is exact, and refines extension windows too."""
+    path, _ = brain1
+    torch.manual_seed(0)
+    plain = build_sgp_sam("tiny", sgpm=True, refiner=True).eval()
+    refined = copy.deepcopy(plain)
+    torch.nn.init.normal_(refined.refiner.out[1].weight, std=0.5)  # zero-initialised: make it count
+    plain_mask = InteractiveSegmenter(plain, max_extra_windows=0).segment(path, path, [CLICK_A], []).mask
+    seg = InteractiveSegmenter(refined, max_extra_windows=0)
+    first = seg.segment(path, path, [CLICK_A], [], session_key="refined")
+    assert not np.array_equal(first.mask, plain_mask)
+    second = seg.segment(path, path, [CLICK_A, CLICK_B], [], session_key="refined")
+    assert second.info["encoder_runs"] == 0 and second.info["decoder_runs"] == 1
+    undo = seg.segment(path, path, [CLICK_A], [], session_key="refined")
+    assert undo.info["decoder_runs"] == 0
+    np.testing.assert_array_equal(undo.mask, first.mask)
+    replay = seg.segment(path, path, [CLICK_A, CLICK_B], [], session_key="refined")
+    np.testing.assert_array_equal(replay.mask, second.mask)  # the previous refined logits were kept for round 2
+
+    wide = InteractiveSegmenter(_constant_positive(refined), max_extra_windows=2)
+    extended = wide.segment(path, path, [CLICK_A], [])
+    assert extended.info["windows"] == 3 and extended.mask.sum() > 0
+
+
 @pytest.mark.parametrize(
     "fg, bg, message",
     [

@@ -156,7 +156,7 @@ def test_defaults_keep_the_plain_sgp_sam_network():
 
     parser = _parser(TRAIN_JSON, CPU_TINY)
     network = parser.get_parsed_content("network_def")
-    reference = build_sgp_sam("tiny", img_size=64, click_map=True)  # cpu_tiny turns the click map on
+    reference = build_sgp_sam("tiny", img_size=64, click_map=True, refiner=True)  # cpu_tiny turns both on
     assert len(network.extensions) == 0 and network.sgpm is not None
     assert list(network.state_dict()) == list(reference.state_dict())
     assert parser.get_parsed_content("anatomy_key") is None
@@ -264,6 +264,12 @@ class RecordingNetwork(torch.nn.Module):
 
     def upscale_logits(self, *args, **kwargs):
         return self.network.upscale_logits(*args, **kwargs)
+
+    def refine_features(self, *args, **kwargs):
+        return self.network.refine_features(*args, **kwargs)
+
+    def full_res_logits(self, *args, **kwargs):
+        return self.network.full_res_logits(*args, **kwargs)
 
 
 def test_evaluation_encodes_each_lesion_crop_with_its_organ_crop(organ_dataset, tmp_path):

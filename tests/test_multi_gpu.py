@@ -64,7 +64,7 @@ def test_ddp_two_processes_gloo(tmp_path, tiny_dataset):
         raw = read_checkpoint(ckpt_dir / name)
         state = raw["model"] if "optimizer" in raw else raw
         assert state and not any(k.startswith("module.") for k in state), name
-        model = build_sgp_sam("tiny", img_size=64, click_map=True)  # as configs/cpu_tiny.json
+        model = build_sgp_sam("tiny", img_size=64, click_map=True, refiner=True)  # as configs/cpu_tiny.json
         report = load_weights(model, ckpt_dir / name)
         assert report["initialised"] == []
         # the saved weights are the DDP-trained ones
