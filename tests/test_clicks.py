@@ -255,3 +255,50 @@ def test_summarise_by_hand():
     assert small["noc@90"]["mean"] == 3.0 and small["noc@90"]["std"] == 2.0
     assert out[">30mm"]["noc@85"]["mean"] == 20.0 and out[">30mm"]["noc@85"]["std"] == 0.0
     assert out["10-30mm"]["dice@1"]["n"] == 0 and math.isnan(out["10-30mm"]["dice@1"]["mean"])
+
+
+class _ClickRecorder(torch.nn.Module):
+    """A stand-in network exposing the click-round API that records the clicks each round receives."""
+
+    def __init__(self, size: int = 16):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+        self.size = size
+        self.decoded, self.refined = [], []
+
+    low_res_size = property(lambda self: (self.size // 2,) * 3)
+
+    def encode(self, images):
+        return images
+
+    def refine_features(self, images):
+        return None
+
+    def decode(self, embeddings, points=None, labels=None, mask_input=None):
+        self.decoded.append(None if points is None else (points.clone(), labels.clone()))
+        return torch.full((embeddings.shape[0], 1, *self.low_res_size), -1.0) + self.bias, None
+
+    def full_res_logits(self, low_res, size, features, prev_logits, points, labels):
+        self.refined.append(None if points is None else points.shape[1])
+        return torch.nn.functional.interpolate(low_res, size=tuple(size), mode="trilinear", align_corners=False)
+
+
+def test_protocol_clicks_follow_the_evaluation_rule_and_the_refiner_sees_every_click():
+    from scripts.click_rounds import training_rounds
+
+    target = torch.zeros(2, 1, 16, 16, 16, dtype=torch.bool)
+    target[:, :, 3:10, 4:11, 5:12] = True  # a 7^3 cube: its deepest point is its centre (6, 7, 8)
+    net = _ClickRecorder()
+    loss = lambda logits, y: (logits - y).abs().mean()  # noqa: E731
+    training_rounds(net, target.float(), target.float(), loss, 4, random.Random(0), protocol_click_fraction=1.0)
+    first_points, first_labels = net.decoded[0]
+    assert first_points.tolist() == [[[6.0, 7.0, 8.0]]] * 2 and first_labels.tolist() == [[1], [1]]
+    fed = [d is not None for d in net.decoded]
+    assert fed[0] and not fed[-1]  # the last round is mask-only
+    # the decoder gets the new click only; the refiner every click fed so far
+    assert all(d[0].shape[1] == 1 for d in net.decoded if d is not None)
+    assert net.refined == list(np.cumsum(fed).astype(int))
+
+    uniform = _ClickRecorder()
+    training_rounds(uniform, target.float(), target.float(), loss, 4, random.Random(0), torch.Generator().manual_seed(3))
+    assert uniform.decoded[0][0].tolist() != first_points.tolist()  # SAM-Med3D's uniform draw inside the lesion

@@ -1,7 +1,8 @@
 """Click rounds on one encoded crop: SAM-Med3D's training protocol and the deterministic evaluation protocol.
 
-Both feed, each round, only the NEW click(s) together with the previous round's low-res logits as the mask prompt
-(round one: an all-zero mask prompt), which is how SAM-Med3D was trained and evaluated. Training, validation,
+Both feed the decoder, each round, only the NEW click(s) together with the previous round's low-res logits as the
+mask prompt (round one: an all-zero mask prompt), which is how SAM-Med3D was trained and evaluated. The optional
+high-resolution refiner (our addition) gets every click so far and its own previous output. Training, validation,
 evaluation, inference and the MONAI Label app all go through these functions so they stay consistent.
 """
 
@@ -30,6 +31,7 @@ def training_rounds(
     rng: random.Random | None = None,
     generator: torch.Generator | None = None,
     encode_inputs: dict[str, Any] | None = None,
+    protocol_click_fraction: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Simulated interactive rounds with the loss summed over rounds.
 
@@ -38,6 +40,10 @@ def training_rounds(
         targets: (B, 1, S, S, S) binary lesion masks.
         loss_fn: loss on full-resolution logits vs targets.
         encode_inputs: extra ``network.encode`` inputs, e.g. ``{"anatomy": organ masks (B, 1, S, S, S)}`` (TAGS).
+        protocol_click_fraction: share of the clicks placed by the evaluation rule (:func:`next_eval_click`, the
+            deepest point of the larger error region) instead of SAM-Med3D's uniform draw from the error region
+            (0 = SAM-Med3D). A model trained only on uniform draws sees few clicks like an annotator's (or the
+            evaluation's) next to a lesion's rim, and drifts or erases small lesions on them.
 
     Returns:
         (summed loss, last round's full-resolution logits).
@@ -48,18 +54,44 @@ def training_rounds(
     target_bool = targets > 0.5
     total = images.new_zeros(())
     logits = None
+    history = (None, None)  # every click fed so far: the refiner's input (the decoder gets the new one only)
     for feed_points in training_round_schedule(num_rounds, rng):
         with torch.no_grad():
             pred = torch.zeros_like(target_bool) if logits is None else logits.detach() > 0
             points, labels = sample_training_click(pred, target_bool, generator)
+            if protocol_click_fraction > 0 and feed_points:
+                points, labels = _protocol_clicks(pred, target_bool, points, labels, protocol_click_fraction, rng)
         if not feed_points:
             points = labels = None
+        else:
+            history = _append_clicks(history, points, labels)
         low_res, _ = network.decode(embeddings, points, labels, prev_logits)
         prev_full = None if logits is None else logits.detach()
-        logits = network.full_res_logits(low_res, images.shape[2:], features, prev_full, points, labels)
+        logits = network.full_res_logits(low_res, images.shape[2:], features, prev_full, *history)
         total = total + loss_fn(logits.float(), targets.float())
         prev_logits = low_res.detach()  # no gradient through earlier rounds (memory), as in VISTA3D-style training
     return total, logits
+
+
+def _append_clicks(history, points: torch.Tensor, labels: torch.Tensor):
+    """(all points (B, k, 3), all labels (B, k)) with this round's clicks appended."""
+    if history[0] is None:
+        return points, labels
+    return torch.cat([history[0], points], 1), torch.cat([history[1], labels], 1)
+
+
+def _protocol_clicks(pred, target, points, labels, fraction: float, rng: random.Random | None):
+    """Replace each sample's click, with probability ``fraction``, by the evaluation rule's click."""
+    rng = rng or random.Random()
+    points, labels = points.clone(), labels.clone()
+    for b in range(target.shape[0]):
+        if rng.random() >= fraction:
+            continue
+        click = next_eval_click(pred[b, 0].cpu().numpy(), target[b, 0].cpu().numpy())
+        if click is not None:
+            points[b, 0] = torch.as_tensor(np.asarray(click[0], dtype=np.float32), device=points.device)
+            labels[b, 0] = int(click[1])
+    return points, labels
 
 
 @torch.no_grad()
@@ -92,6 +124,7 @@ def evaluation_clicks(
     features = network.refine_features(image)
     prev_logits = initial_mask_prompt(network, 1, image.device)
     full_logits = None
+    history = (None, None)
     pred = np.zeros_like(target)
     result = {"dice": [], "points": [], "labels": [], "mask": pred, "low_res_logits": prev_logits, "masks_at": {}}
     for _ in range(num_clicks):
@@ -102,7 +135,8 @@ def evaluation_clicks(
         points = torch.as_tensor(np.asarray(point, dtype=np.float32)[None, None], device=image.device)
         labels = torch.as_tensor([[int(label)]], device=image.device)
         prev_logits, _ = network.decode(embedding, points, labels, prev_logits)
-        full_logits = network.full_res_logits(prev_logits.float(), target.shape, features, full_logits, points, labels)
+        history = _append_clicks(history, points, labels)
+        full_logits = network.full_res_logits(prev_logits.float(), target.shape, features, full_logits, *history)
         pred = (full_logits > 0)[0, 0].cpu().numpy()
         result["dice"].append(float(dice(pred, target)))
         result["points"].append(tuple(int(p) for p in point))

@@ -42,6 +42,7 @@ class ClickTrainingStep(nn.Module):
     Args:
         align_weight: weight of the TAGS alignment loss, added once per step (the encoder runs once) when the
             network has TAGS semantic prompts; 0 leaves it out.
+        protocol_click_fraction: share of training clicks placed by the evaluation rule (``training_rounds``).
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class ClickTrainingStep(nn.Module):
         gate_cost: float = 0.0,
         seed: int = 0,
         align_weight: float = 0.0,
+        protocol_click_fraction: float = 0.0,
     ):
         super().__init__()
         self.network = network
@@ -59,6 +61,7 @@ class ClickTrainingStep(nn.Module):
         self.num_rounds = num_rounds
         self.gate_cost = gate_cost
         self.align_weight = align_weight
+        self.protocol_click_fraction = float(protocol_click_fraction)
         self.rng = random.Random(seed)
         self.last_alignment_loss: float | None = None
 
@@ -72,7 +75,14 @@ class ClickTrainingStep(nn.Module):
         """``encode_inputs``: e.g. the anatomy masks; ``alignment_targets``: (B, 1, S, S, S) lesion masks the TAGS
         alignment maps are scored on (default ``targets``)."""
         loss, logits = training_rounds(
-            self.network, images, targets, self.loss_function, self.num_rounds, self.rng, encode_inputs=encode_inputs
+            self.network,
+            images,
+            targets,
+            self.loss_function,
+            self.num_rounds,
+            self.rng,
+            encode_inputs=encode_inputs,
+            protocol_click_fraction=self.protocol_click_fraction,
         )
         sgpm = getattr(self.network, "sgpm", None)
         if self.gate_cost and sgpm is not None and sgpm.decision_probs() is not None:
@@ -97,6 +107,8 @@ class InteractiveTrainer(SupervisedTrainer):
         align_weight: weight of the TAGS alignment loss (see ``ClickTrainingStep``).
         alignment_label_key: batch entry the alignment maps are scored on: all lesions of the crop ("label_all"),
             since "lesion vs normal tissue" is semantic, not one instance; falls back to the target.
+        protocol_click_fraction: share of training clicks placed by the evaluation rule (0 = SAM-Med3D's uniform
+            draw from the error region; see ``click_rounds.training_rounds``).
     """
 
     def __init__(
@@ -110,11 +122,12 @@ class InteractiveTrainer(SupervisedTrainer):
         anatomy_key: str | None = None,
         align_weight: float = 0.0,
         alignment_label_key: str | None = "label_all",
+        protocol_click_fraction: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.training_step = training_step or ClickTrainingStep(
-            self.network, self.loss_function, num_rounds, gate_cost, seed, align_weight
+            self.network, self.loss_function, num_rounds, gate_cost, seed, align_weight, protocol_click_fraction
         )
         self.grad_clip_norm = grad_clip_norm
         self.anatomy_key = anatomy_key

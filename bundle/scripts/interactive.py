@@ -498,7 +498,7 @@ class InteractiveSegmenter:
     @torch.inference_mode()
     def _full_res(self, image_id, inf, start, low_res, prev: torch.Tensor | None, clicks: list[_Click]) -> torch.Tensor:
         """(S, S, S) float16 CPU crop-resolution logits of one window's round: upsampled, then refined if the model
-        has a refiner (which also sees the window's previous logits ``prev`` and the round's clicks)."""
+        has a refiner (which also sees the window's previous logits ``prev`` and all its clicks so far)."""
         size = (self.crop_size,) * 3
         if getattr(self.network, "refiner", None) is None:
             return self.network.upscale_logits(low_res, size)[0, 0].half().cpu()
@@ -568,7 +568,8 @@ class InteractiveSegmenter:
                 emb = self._embedding(image_id, inf, obj.start)
                 prompt = obj.logits if obj.logits is not None else initial_mask_prompt(self.network, 1, self.device)
                 obj.logits = self._decode(emb, in_main, obj.start, prompt)
-                obj.full = self._full_res(image_id, inf, obj.start, obj.logits, obj.full, in_main)
+                in_window = [c for c in obj.clicks if self._inside(c.point, obj.start)]
+                obj.full = self._full_res(image_id, inf, obj.start, obj.logits, obj.full, in_window)
             obj.extra = self._extend(image_id, inf, obj)
 
     def _extend(self, image_id: str, inf: InferenceImage, obj: _Object) -> list[tuple[tuple[int, int, int], Any]]:

@@ -3,8 +3,8 @@
 SAM-Med3D's decoder predicts at a quarter of the input resolution (32^3 for a 128^3 crop; 3 mm voxels for the
 tiny preset's 64^3 crop at 1.5 mm). A 3-10 mm lesion is one to three low-res voxels, so its outline is whatever
 trilinear upsampling makes of them. This small convolutional head sees the image at full resolution, the
-upsampled decoder logits, its own previous output (the full-resolution history of the interaction) and the
-round's clicks, and predicts a residual added to the upsampled logits.
+upsampled decoder logits, its own previous output (the full-resolution history of the interaction) and every
+click so far, and predicts a residual added to the upsampled logits.
 
 It works at half resolution on sub-voxel channels: every 2x2x2 block of the input grid becomes 8 channels of one
 voxel (pixel unshuffle, lossless), the convolutions run on that grid, and the output's 8 channels are shuffled
@@ -104,7 +104,7 @@ class MaskRefiner(nn.Module):
             features: ``image_features`` of the crop (batch 1 broadcasts over the prompts' batch).
             logits: (B, 1, S, S, S) upsampled decoder logits.
             prev_logits: (B, 1, S, S, S) the previous round's refined logits; None in round one.
-            points, labels: the round's clicks as given to ``decode`` (crop voxel indices); None for a mask-only round.
+            points, labels: every click so far (crop voxel indices; the decoder gets only the new one); None: none.
         """
         batch, size = logits.shape[0], tuple(logits.shape[2:])
         if tuple(2 * n for n in features.shape[2:]) != size:

@@ -141,7 +141,7 @@ class SGPSAM(nn.Module):
             low_res_logits: the round's ``decode`` output.
             features: ``refine_features(images)``; required when the model has a refiner.
             prev_logits: the previous round's ``full_res_logits`` (None in round one).
-            points, labels: the round's clicks as given to ``decode`` (None for a mask-only round).
+            points, labels: every click so far (the decoder gets only the new one); None: no click yet.
         """
         logits = self.upscale_logits(low_res_logits, size)
         if self.refiner is None:
