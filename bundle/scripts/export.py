@@ -12,8 +12,9 @@ low-res logits into crop-resolution logits (``network.full_res_logits``, refiner
 
     refine(image (1, 1, S, S, S), low-res logits, prev_logits (1, 1, S, S, S), points, labels) -> (1, 1, S, S, S)
 
-where ``prev_logits`` is the previous round's ``refine`` output, or a tensor filled with ``-inf`` in round one
-(sigmoid 0, the same as no previous mask). Without a refiner, crop-resolution logits are the trilinear upsampling
+where ``points``/``labels`` hold every click so far (``decode`` gets the new one only) and ``prev_logits`` is the
+previous round's ``refine`` output, or a tensor filled with ``-inf`` in round one (sigmoid 0, the same as no
+previous mask). Without a refiner, crop-resolution logits are the trilinear upsampling
 of the low-res logits (``align_corners=False``).
 
 Why not TorchScript (``python -m monai.bundle ckpt_export``): see bundle/docs/README.md, "Export". In short,
