@@ -299,12 +299,18 @@ def test_positive_click_selects_the_clicked_object_after_brief_training():
     assert hits >= 14, f"the mask followed the click in only {hits} of 16 cases"
 
 
+def _load_without_extension(extended, plain, prefix: str) -> None:
+    """``plain``'s weights load into ``extended``; only keys under ``prefix`` are missing, the backbone is the same."""
+    missing, unexpected = extended.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith(prefix) for k in missing)
+    assert set(extended.backbone_state_keys()) == set(plain.backbone_state_keys())
+
+
 def test_click_map_starts_as_identity_and_sits_outside_the_backbone():
     torch.manual_seed(3)
     plain = build_sgp_sam("tiny", sgpm=False).eval()
     with_map = build_sgp_sam("tiny", sgpm=False, click_map=True).eval()
-    missing, unexpected = with_map.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and missing and all(k.startswith("click_map.") for k in missing)
+    _load_without_extension(with_map, plain, "click_map.")
     assert set(with_map.backbone_state_keys()) == set(plain.state_dict())
     images = torch.randn(2, 1, 64, 64, 64)
     points, labels = _random_clicks(2, 3, 64, seed=4)
@@ -322,9 +328,7 @@ def test_refiner_starts_as_identity_and_sits_outside_the_backbone():
     torch.manual_seed(5)
     plain = build_sgp_sam("tiny", sgpm=False, click_map=True).eval()
     refined = build_sgp_sam("tiny", sgpm=False, click_map=True, refiner=True).eval()
-    missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and missing and all(k.startswith("refiner.") for k in missing)
-    assert set(refined.backbone_state_keys()) == set(plain.backbone_state_keys())
+    _load_without_extension(refined, plain, "refiner.")
     images = torch.randn(2, 1, 64, 64, 64)
     points, labels = _random_clicks(2, 3, 64, seed=6)
     with torch.no_grad():
