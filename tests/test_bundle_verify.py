@@ -3,10 +3,6 @@ config under MONAI 1.6's restricted rules, ckpt_export (TorchScript) status and 
 
 import copy
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -6,11 +6,9 @@ that logging and checkpoints come from rank 0 only, and that the checkpoint has 
 into the model.
 """
 
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
