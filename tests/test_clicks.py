@@ -300,5 +300,6 @@ def test_protocol_clicks_follow_the_evaluation_rule_and_the_refiner_sees_every_c
     assert net.refined == list(np.cumsum(fed).astype(int))
 
     uniform = _ClickRecorder()
-    training_rounds(uniform, target.float(), target.float(), loss, 4, random.Random(0), torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    training_rounds(uniform, target.float(), target.float(), loss, 4, random.Random(0), generator)
     assert uniform.decoded[0][0].tolist() != first_points.tolist()  # SAM-Med3D's uniform draw inside the lesion

@@ -388,8 +388,9 @@ def test_refiner_learns_lesions_smaller_than_a_low_res_voxel():
     with torch.no_grad():
         for _ in range(8):
             image, target, point = _small_cube_scene(generator)
-            low, _ = model.decode(model.encode(image[None]), point[None, None], labels[:1])
-            logits = model.full_res_logits(low, None, model.refine_features(image[None]), None, point[None, None], labels[:1])
+            clicks = (point[None, None], labels[:1])
+            low, _ = model.decode(model.encode(image[None]), *clicks)
+            logits = model.full_res_logits(low, None, model.refine_features(image[None]), None, *clicks)
             refined_dice.append(float(dice((logits[0] > 0).numpy(), target.numpy())))
             upsampled_dice.append(float(dice((model.upscale_logits(low)[0] > 0).numpy(), target.numpy())))
     assert sum(refined_dice) / 8 > 0.7, refined_dice

@@ -107,7 +107,10 @@ def test_random_initialisation_scores_far_below_the_quickstart_target(tmp_path):
     assert 0.0 <= summary["mean_dice@5"] < 0.35, summary["mean_dice@5"]
 
 
-FINETUNE = "['bundle/configs/train.json','bundle/configs/evaluate.json','configs/cpu_tiny.json','configs/cpu_tiny_finetune.json']"
+FINETUNE = (
+    "['bundle/configs/train.json','bundle/configs/evaluate.json',"
+    "'configs/cpu_tiny.json','configs/cpu_tiny_finetune.json']"
+)
 
 
 def test_shipped_pretrained_checkpoint_is_a_learned_model(tmp_path):

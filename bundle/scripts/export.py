@@ -122,12 +122,17 @@ class _Decode(nn.Module):
 
 
 class _Refine(nn.Module):
-    """``network.full_res_logits`` with the refiner's features computed from the image (stateless program)."""
+    """``network.full_res_logits`` holding only the refiner, its features computed from the image (stateless)."""
 
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
         self.refiner = network.refiner
         self.size = (network.img_size,) * 3
+        self._full_res_logits = type(network).full_res_logits
+        self._upscale_logits = type(network).upscale_logits
+
+    def upscale_logits(self, low_res_logits: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+        return self._upscale_logits(self, low_res_logits, size)
 
     def forward(
         self,
@@ -137,8 +142,8 @@ class _Refine(nn.Module):
         points: torch.Tensor,
         labels: torch.Tensor,
     ) -> torch.Tensor:
-        logits = nn.functional.interpolate(low_res_logits, size=self.size, mode="trilinear", align_corners=False)
-        return self.refiner(self.refiner.image_features(image), logits, prev_logits, points, labels)
+        features = self.refiner.image_features(image)
+        return self._full_res_logits(self, low_res_logits, self.size, features, prev_logits, points, labels)
 
 
 def _example_inputs(network: nn.Module, device: torch.device) -> tuple[torch.Tensor, ...]:

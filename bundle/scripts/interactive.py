@@ -269,9 +269,9 @@ class InteractiveSegmenter:
     """Click-based 3D segmentation with an embedding cache, per-session click history, undo and multi-object crops.
 
     Args:
-        network: SGP-SAM / SAM-Med3D model with ``encode``, ``decode``, ``upscale_logits``, ``img_size``,
-            ``low_res_size`` and, if it has a ``refiner``, ``refine_features`` / ``full_res_logits`` (moved to
-            ``device`` and set to eval mode).
+        network: SGP-SAM / SAM-Med3D model with ``encode``, ``decode``, ``full_res_logits``, ``img_size``,
+            ``low_res_size`` and, if it has a ``refiner``, ``refine_features`` (moved to ``device`` and set to eval
+            mode).
         device: torch device for the network and cached embeddings.
         spacing: isotropic resampling in mm (SAM-Med3D: 1.5).
         image_channel: input channel of multi-channel images (None: the image must have one channel).
@@ -499,13 +499,12 @@ class InteractiveSegmenter:
     def _full_res(self, image_id, inf, start, low_res, prev: torch.Tensor | None, clicks: list[_Click]) -> torch.Tensor:
         """(S, S, S) float16 CPU crop-resolution logits of one window's round: upsampled, then refined if the model
         has a refiner (which also sees the window's previous logits ``prev`` and all its clicks so far)."""
-        size = (self.crop_size,) * 3
-        if getattr(self.network, "refiner", None) is None:
-            return self.network.upscale_logits(low_res, size)[0, 0].half().cpu()
-        points, labels = self._click_tensors(clicks, start)
-        prev_logits = None if prev is None else prev[None, None].to(self.device, torch.float32)
-        features = self._refine_features(image_id, inf, start)
-        logits = self.network.full_res_logits(low_res, size, features, prev_logits, points, labels)
+        features = points = labels = prev_logits = None
+        if getattr(self.network, "refiner", None) is not None:
+            features = self._refine_features(image_id, inf, start)
+            points, labels = self._click_tensors(clicks, start)
+            prev_logits = None if prev is None else prev[None, None].to(self.device, torch.float32)
+        logits = self.network.full_res_logits(low_res, (self.crop_size,) * 3, features, prev_logits, points, labels)
         return logits[0, 0].half().cpu()  # half precision: snapshots (undo) keep one per window and round
 
     # -- geometry helpers -----------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """High-resolution mask refiner: corrects the upsampled decoder mask on the input grid, where small lesions live.
 
-SAM-Med3D's decoder predicts at a quarter of the input resolution (32^3 for a 128^3 crop; 3 mm voxels for the
-tiny preset's 64^3 crop at 1.5 mm). A 3-10 mm lesion is one to three low-res voxels, so its outline is whatever
-trilinear upsampling makes of them. This small convolutional head sees the image at full resolution, the
+SAM-Med3D's decoder predicts on a coarser grid: 32^3 for a 128^3 crop (6 mm voxels at 1.5 mm spacing), and 32^3
+for the tiny preset's 64^3 crop (3 mm voxels). A 3-10 mm lesion is one to three low-res voxels, so its outline is
+whatever trilinear upsampling makes of them. This small convolutional head sees the image at full resolution, the
 upsampled decoder logits, its own previous output (the full-resolution history of the interaction) and every
 click so far, and predicts a residual added to the upsampled logits.
 
@@ -71,7 +71,7 @@ class MaskRefiner(nn.Module):
         nn.init.zeros_(self.out[1].bias)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, C, S, S, S), S even -> features (B, 8C + F, S/2, S/2, S/2): the image's sub-voxels, then the stem's."""
+        """images (B, C, S, S, S), S even -> features (B, 8C + F, S/2, S/2, S/2): image sub-voxels, then stem output."""
         if any(n % 2 for n in images.shape[2:]):
             raise ValueError(f"the refiner needs an even crop size, got {tuple(images.shape[2:])}")
         sub = pixelunshuffle(images, 3, 2)
@@ -107,8 +107,9 @@ class MaskRefiner(nn.Module):
             points, labels: every click so far (crop voxel indices; the decoder gets only the new one); None: none.
         """
         batch, size = logits.shape[0], tuple(logits.shape[2:])
-        if tuple(2 * n for n in features.shape[2:]) != size:
-            raise ValueError(f"refiner features are for a {tuple(2 * n for n in features.shape[2:])} crop, logits {size}")
+        crop = tuple(2 * n for n in features.shape[2:])
+        if crop != size:
+            raise ValueError(f"refiner features are for a {crop} crop, logits {size}")
         prev = torch.zeros_like(logits) if prev_logits is None else torch.sigmoid(prev_logits.to(logits.dtype))
         if points is None or points.shape[1] == 0:
             clicks = logits.new_zeros((batch, 2, *size))
