@@ -42,7 +42,7 @@ from monai.utils import convert_to_tensor
 from .checkpoint import CheckpointError, load_weights
 from .click_rounds import evaluation_clicks
 from .clicks import SIZE_BINS, dice, lesion_size_bin, number_of_clicks, summarise
-from .transforms import crop_at, get_preprocess_transforms, lesion_components, load_datalist, normalise_crop, paste_crop
+from .transforms import crop_at, get_preprocess_transforms, lesion_crops, load_datalist, paste_crop
 
 __all__ = ["evaluate_dataset", "format_markdown_table", "run_evaluation"]
 
@@ -137,17 +137,13 @@ def evaluate_dataset(
         keys = ("image", "label", anatomy_key) if has_anatomy and not anatomy_from_label else ("image", "label")
         data = (with_anatomy if has_anatomy else preprocess)({key: item[key] for key in keys})
         image, label = data["image"], data["label"]
-        comps, sizes, bboxes = lesion_components(label, connectivity)
         shape = tuple(int(s) for s in label.shape[1:])
         merged = torch.zeros((1, *shape), dtype=torch.bool)
         case = Path(str(item["image"])).name
-        for k in range(len(sizes)):
-            lo, hi = bboxes[k]
-            start = np.floor((lo + hi) / 2.0 + 0.5).astype(np.int64) - crop // 2  # as LesionCropd
-            img = convert_to_tensor(normalise_crop(crop_at(image, start, crop)), track_meta=False)
+        num_lesions = 0
+        for k, num_voxels, start, img, target in lesion_crops(image, label, crop, connectivity):
+            num_lesions += 1
             img = img[None].to(device, torch.float32)
-            lesion = torch.as_tensor(comps == k + 1)[None].float()
-            target = convert_to_tensor(crop_at(lesion, start, crop), track_meta=False)[0].numpy() > 0.5
             if not target.any():
                 skipped += 1  # pathological shape with no voxel in its own centred crop
                 logger.warning("%s lesion %d: no voxel inside its centred crop, skipped", case, k)
@@ -169,17 +165,17 @@ def evaluate_dataset(
                     "case": case,
                     "case_index": case_idx,
                     "lesion": k,
-                    "num_voxels": int(sizes[k]),
+                    "num_voxels": num_voxels,
                     "voxels_in_crop": int(target.sum()),
-                    "equivalent_diameter_mm": _equivalent_diameter(int(sizes[k]), spacing),
-                    "size_bin": lesion_size_bin(int(sizes[k]), spacing),
-                    "truncated": int(target.sum()) < int(sizes[k]),
+                    "equivalent_diameter_mm": _equivalent_diameter(num_voxels, spacing),
+                    "size_bin": lesion_size_bin(num_voxels, spacing),
+                    "truncated": int(target.sum()) < num_voxels,
                     "crop_start": [int(v) for v in start],
                     "clicks_used": len(res["dice"]),
                     "dice": curve,
                 }
             )
-        if len(sizes):
+        if num_lesions:
             whole.append(dice(merged[0], label[0] > 0.5))
 
     metrics = summarise(records, ks=DICE_KS, noc_thresholds=NOC_THRESHOLDS, max_clicks=max_clicks) if records else {}

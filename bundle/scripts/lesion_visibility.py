@@ -1,12 +1,13 @@
 """How visible are a dataset's lesions? The best Dice an intensity threshold can reach, told the answer.
 
-For every lesion of a split (preprocessed and cropped exactly as ``scripts.evaluate`` does), this tries every
-intensity threshold (both signs, hypo- and hyper-intense; a few Gaussian smoothings) and keeps the connected
-component that holds the lesion's deepest voxel, the evaluation's first click. The best Dice over all of them,
-chosen with the ground truth, is the ``threshold ceiling``. It is a diagnostic, not a segmenter: it shows which
-lesions the image barely shows after resampling (partial volume from thick slices, low contrast, texture), so a
-model's per-size Dice can be read against what the data allows. A learned model can beat it (shape priors), and
-lesions with a ceiling near zero are nearly invisible in the resampled image.
+For every lesion of a split (preprocessed like ``scripts.evaluate``, cropped by the same
+``transforms.lesion_crops``), this tries every intensity threshold (both signs, hypo- and hyper-intense; a few
+Gaussian smoothings) and keeps the connected component that holds the lesion's deepest voxel, the evaluation's
+first click. The best Dice over all of them, chosen with the ground truth, is the ``threshold ceiling``. It is a
+diagnostic, not a segmenter: it shows which lesions the image barely shows after resampling (partial volume from
+thick slices, low contrast, texture), so a model's per-size Dice can be read against what the data allows. A
+learned model can beat it (shape priors), and lesions with a ceiling near zero are nearly invisible in the
+resampled image.
 
 Hand-written because no library offers a truth-tuned threshold search; it uses SciPy's labelling and filters.
 
@@ -22,12 +23,10 @@ import json
 from collections.abc import Sequence
 
 import numpy as np
-import torch
-from monai.utils import convert_to_tensor
 from scipy import ndimage
 
 from .clicks import SIZE_BINS, dice, lesion_size_bin
-from .transforms import crop_at, get_preprocess_transforms, lesion_components, load_datalist, normalise_crop
+from .transforms import get_preprocess_transforms, lesion_crops, load_datalist
 
 __all__ = ["threshold_ceiling", "dataset_threshold_ceiling"]
 
@@ -77,17 +76,11 @@ def dataset_threshold_ceiling(
     lesions = []
     for item in load_datalist(dataset_json, split):
         data = preprocess({"image": item["image"], "label": item["label"]})
-        comps, sizes, bboxes = lesion_components(data["label"], 3)
-        for k in range(len(sizes)):
-            lo, hi = bboxes[k]
-            start = np.floor((lo + hi) / 2.0 + 0.5).astype(np.int64) - crop // 2
-            image = convert_to_tensor(normalise_crop(crop_at(data["image"], start, crop)), track_meta=False)[0]
-            lesion = torch.as_tensor(comps == k + 1)[None].float()
-            target = convert_to_tensor(crop_at(lesion, start, crop), track_meta=False)[0].numpy() > 0.5
+        for k, num_voxels, _, image, target in lesion_crops(data["image"], data["label"], crop):
             if target.any():
-                ceiling = threshold_ceiling(image.numpy(), target)
-                lesions.append({"case": str(item["image"]), "lesion": k, "voxels": int(sizes[k]),
-                                "size_bin": lesion_size_bin(int(sizes[k]), spacing), "ceiling": ceiling})  # fmt: skip
+                ceiling = threshold_ceiling(image[0].numpy(), target)
+                lesions.append({"case": str(item["image"]), "lesion": k, "voxels": num_voxels,
+                                "size_bin": lesion_size_bin(num_voxels, spacing), "ceiling": ceiling})  # fmt: skip
     groups = {"overall": [r["ceiling"] for r in lesions]}
     groups.update({b: [r["ceiling"] for r in lesions if r["size_bin"] == b] for b in SIZE_BINS})
     summary = {g: {"mean": float(np.mean(v)), "n": len(v)} for g, v in groups.items() if v}

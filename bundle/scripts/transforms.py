@@ -49,7 +49,7 @@ from monai.transforms import (
     ThresholdIntensityd,
 )
 from monai.transforms.croppad.array import Crop, Pad
-from monai.utils import convert_to_dst_type
+from monai.utils import convert_to_dst_type, convert_to_tensor
 from scipy import ndimage
 
 __all__ = [
@@ -136,6 +136,34 @@ def lesion_components(
         (np.array([s.start for s in objects[i]]), np.array([s.stop - 1 for s in objects[i]])) for i in order.tolist()
     ]
     return remap[comps], sizes[order], bboxes
+
+
+def centred_crop_start(centre: Sequence[float] | np.ndarray, size: int) -> np.ndarray:
+    """First voxel (3,) int64 of the ``size``^3 crop whose index ``size // 2`` lands on voxel ``round(centre)``, as
+    in MONAI's centre crops."""
+    return np.floor(np.asarray(centre, dtype=np.float64) + 0.5).astype(np.int64) - int(size) // 2
+
+
+def lesion_crops(image: torch.Tensor, label: torch.Tensor, size: int, connectivity: int = 3):
+    """One crop per lesion of a preprocessed case, the way the evaluation protocol scores lesions.
+
+    Every connected component of ``label`` (largest first) gets the ``size``^3 crop centred on its bounding box,
+    the image z-normalised within the crop and the target that component only (other lesions are background).
+
+    Args:
+        image, label: (1, X, Y, Z) preprocessed volumes.
+
+    Yields:
+        (k, lesion voxels in the volume, crop start (3,), image crop (1, S, S, S) float tensor, target (S, S, S) bool
+        ndarray). A target can be empty for a pathological shape with no voxel in its own centred crop.
+    """
+    comps, sizes, bboxes = lesion_components(label, connectivity)
+    for k, (lo, hi) in enumerate(bboxes):
+        start = centred_crop_start((lo + hi) / 2.0, size)
+        crop = convert_to_tensor(normalise_crop(crop_at(image, start, size)), track_meta=False)
+        lesion = torch.as_tensor(comps == k + 1)[None].float()
+        target = convert_to_tensor(crop_at(lesion, start, size), track_meta=False)[0].numpy() > 0.5
+        yield k, int(sizes[k]), start, crop, target
 
 
 _CROPPER, _PADDER = Crop(), Pad(mode="constant")
@@ -266,8 +294,7 @@ class LesionCropd(MapTransform, InvertibleTransform):
         return idx % n if n else -1
 
     def _start(self, centre: np.ndarray, lo: np.ndarray | None, hi: np.ndarray | None) -> np.ndarray:
-        # Voxel `round(centre)` lands at crop index S // 2, as in MONAI's centre crops.
-        return np.floor(centre + 0.5).astype(np.int64) - self.roi_size // 2
+        return centred_crop_start(centre, self.roi_size)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
