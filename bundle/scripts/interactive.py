@@ -73,7 +73,14 @@ from monai.transforms import SpatialResample
 from monai.utils import convert_to_tensor
 
 from .click_rounds import initial_mask_prompt
-from .transforms import InferenceImage, crop_at, file_voxel_to_resampled, normalise_crop, preprocess_image_for_inference
+from .transforms import (
+    InferenceImage,
+    centred_crop_start,
+    crop_at,
+    file_voxel_to_resampled,
+    normalise_crop,
+    preprocess_image_for_inference,
+)
 
 __all__ = ["ClickError", "InteractiveSegmenter", "SegmentationResult", "parse_click_list"]
 
@@ -554,8 +561,7 @@ class InteractiveSegmenter:
         for click in clicks:
             idx = self._assign(objects, click)
             if idx is None:
-                centre = np.floor(np.asarray(click.point) + 0.5).astype(np.int64)
-                objects.append(_Object(start=tuple(int(c) - s // 2 for c in centre)))
+                objects.append(_Object(start=tuple(int(c) for c in centred_crop_start(click.point, s))))
                 idx = len(objects) - 1
             objects[idx].clicks.append(click)
             touched.setdefault(idx, []).append(click)
