@@ -8,6 +8,7 @@ import pytest
 import torch
 from scripts.clicks import (
     InteractiveMetrics,
+    click_consistent_logits,
     dice,
     lesion_size_bin,
     next_eval_click,
@@ -303,3 +304,107 @@ def test_protocol_clicks_follow_the_evaluation_rule_and_the_refiner_sees_every_c
     generator = torch.Generator().manual_seed(3)
     training_rounds(uniform, target.float(), target.float(), loss, 4, random.Random(0), generator)
     assert uniform.decoded[0][0].tolist() != first_points.tolist()  # SAM-Med3D's uniform draw inside the lesion
+
+
+def test_multi_click_networks_get_every_click_in_the_decoder():
+    """SAM-Med3D's --multi_click: training and evaluation rounds feed the decoder every click so far."""
+    from scripts.click_rounds import evaluation_clicks, training_rounds
+
+    target = torch.zeros(2, 1, 16, 16, 16, dtype=torch.bool)
+    target[:, :, 3:10, 4:11, 5:12] = True
+    net = _ClickRecorder()
+    net.multi_click = True
+    loss = lambda logits, y: (logits - y).abs().mean()  # noqa: E731
+    training_rounds(net, target.float(), target.float(), loss, 5, random.Random(0))
+    fed = [d is not None for d in net.decoded]
+    assert [d[0].shape[1] for d in net.decoded if d is not None] == list(np.cumsum(fed)[np.asarray(fed)])
+    assert net.refined == list(np.cumsum(fed).astype(int))
+    last = [d for d in net.decoded if d is not None][-1]
+    assert torch.equal(last[0][:, :1], net.decoded[0][0])  # the history keeps the first click first
+
+    net.decoded.clear()
+    result = evaluation_clicks(net, target[:1].float(), target[0, 0].numpy(), 3)
+    assert [d[0].shape[1] for d in net.decoded] == [1, 2, 3][: len(result["dice"])]
+    assert [tuple(p) for p in net.decoded[-1][0][0].int().tolist()] == result["points"]
+
+
+# ------------------------------------------------------------------------------------------------ click consistency
+def _two_blobs() -> torch.Tensor:
+    """(2, 1, 12, 12, 12) logits: a lesion-like blob and, apart from it, a second one (a neighbour, a vessel)."""
+    logits = torch.full((2, 1, 12, 12, 12), -2.0)
+    logits[:, :, 2:6, 2:6, 2:6] = 1.5
+    logits[:, :, 8:11, 8:11, 8:11] = 0.7
+    return logits
+
+
+def test_click_consistent_logits_obey_every_click_and_keep_the_clicked_lesion():
+    logits = _two_blobs()
+    points = torch.tensor(
+        [[[3.0, 3.0, 3.0], [0.0, 11.0, 0.0], [4.2, 3.9, 5.1]], [[9.0, 9.0, 9.0], [0, 0, 0], [0, 0, 0]]]
+    )
+    labels = torch.tensor([[1, 1, 0], [1, -1, -1]])  # sample 1: one click, then padding
+    out = click_consistent_logits(logits, points, labels)
+    assert out.shape == logits.shape and out.dtype == logits.dtype
+    mask = out > 0
+    # sample 0: the missed foreground click becomes lesion (its own component, kept), the background click (rounded
+    # to (4, 4, 5)) leaves the blob, and the unclicked second blob is dropped
+    assert mask[0, 0, 0, 11, 0] and out[0, 0, 0, 11, 0] == 4.0
+    assert not mask[0, 0, 4, 4, 5] and out[0, 0, 4, 4, 5] == -4.0
+    assert int(mask[0, 0, 2:6, 2:6, 2:6].sum()) == 4**3 - 1
+    assert not mask[0, 0, 8:11, 8:11, 8:11].any()
+    assert int(mask[0].sum()) == 4**3 - 1 + 1
+    # sample 1: only the clicked second blob is kept; padding (-1) is no click
+    assert mask[1, 0, 8:11, 8:11, 8:11].all() and not mask[1, 0, 2:6, 2:6, 2:6].any() and not mask[1, 0, 0, 0, 0]
+    # logits whose sign already agrees keep their value (the refiner's next input stays the network's own)
+    agree = (logits > 0) == mask
+    assert torch.equal(out[agree], logits[agree])
+
+
+def test_click_consistent_logits_without_foreground_clicks_or_component_filter():
+    logits = _two_blobs()[:1]
+    assert torch.equal(click_consistent_logits(logits, None, None), logits)
+    assert torch.equal(click_consistent_logits(logits, torch.zeros(1, 0, 3), torch.zeros(1, 0)), logits)
+    background_only = click_consistent_logits(logits, torch.tensor([[[3.0, 3.0, 3.0]]]), torch.tensor([[0]]))
+    assert int((background_only > 0).sum()) == int((logits > 0).sum()) - 1  # nothing clicked on: both blobs stay
+    kept = click_consistent_logits(
+        logits, torch.tensor([[[3.0, 3.0, 3.0]]]), torch.tensor([[1]]), keep_clicked_components=False
+    )
+    assert torch.equal(kept, logits)
+    with pytest.raises(ValueError, match="expected"):
+        click_consistent_logits(logits[0], torch.tensor([[[3.0, 3.0, 3.0]]]), torch.tensor([[1]]))
+
+
+def test_evaluation_rounds_of_a_click_consistent_network_agree_with_every_click():
+    """A random network ignores its clicks; with ``click_consistent`` (the default) every mask the evaluation scores
+    still holds each foreground click, no background click, and only the clicked component; without it the raw
+    output is scored."""
+    from scripts.click_rounds import evaluation_clicks
+    from scripts.modeling import build_sgp_sam
+    from scipy import ndimage
+
+    torch.manual_seed(0)
+    net = build_sgp_sam("tiny", img_size=32, click_map=True, refiner=True).eval()
+    torch.nn.init.normal_(net.refiner.out[1].weight, std=0.3)  # zero-initialised: make the refiner count
+    assert net.click_consistent
+    image = torch.randn(1, 1, 32, 32, 32)
+    target = np.zeros((32, 32, 32), dtype=bool)
+    target[10:15, 12:16, 11:14] = True
+
+    def violations(result) -> int:
+        """Clicks the scored masks disobey, plus components holding no foreground click."""
+        count = 0
+        for k, mask in result["masks_at"].items():
+            clicks = list(zip(result["points"][:k], result["labels"][:k]))
+            count += sum(mask[point] != bool(label) for point, label in clicks)
+            components, n = ndimage.label(mask, np.ones((3, 3, 3)))
+            count += n - len({components[p] for p, lab in clicks if lab == 1} - {0})
+        return count
+
+    ks = (1, 2, 3, 4, 5, 6)
+    result = evaluation_clicks(net, image, target, 6, keep_masks_at=ks)
+    assert len(result["points"]) == 6 and 0 in result["labels"] and 1 in result["labels"]
+    assert len(set(result["points"])) == 6  # a clicked voxel is never wrong again, so never clicked twice
+    assert violations(result) == 0
+
+    net.click_consistent = False
+    assert violations(evaluation_clicks(net, image, target, 6, keep_masks_at=ks)) > 0  # the raw network disobeys

@@ -1,6 +1,5 @@
-"""InteractiveSegmenter on real NRRD cases with a tiny random-init network: geometry, cache, undo, objects, extension.
-
-A random network cannot show that the mask contains the click; these tests check the engine's bookkeeping.
+"""InteractiveSegmenter on real NRRD cases with a tiny random-init network: geometry, cache, undo, objects, extension,
+and the click-consistent output (a random network ignores its clicks; the served mask must not).
 """
 
 import copy
@@ -12,7 +11,6 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage
 from scripts.interactive import ClickError, InteractiveSegmenter, _ByteLRU
 from scripts.modeling import build_sgp_sam
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,6 +145,32 @@ def test_refiner_output_is_served_with_exact_undo_and_extension(brain1):
     wide = InteractiveSegmenter(_constant_positive(refined), max_extra_windows=2)
     extended = wide.segment(path, path, [CLICK_A], [])
     assert extended.info["windows"] == 3 and extended.mask.sum() > 0
+
+
+def test_served_masks_obey_the_clicks_and_multi_click_decoders_see_them_all(brain1):
+    """With ``click_consistent`` (the default) the file-grid mask holds every foreground click and no background
+    click, whatever the network does; a ``multi_click`` network's decoder gets every click of the window. Undo
+    restores the consistent mask exactly."""
+    path, _ = brain1
+    torch.manual_seed(0)
+    net = build_sgp_sam("tiny", sgpm=True, click_map=True, refiner=True, multi_click=True).eval()
+    torch.nn.init.normal_(net.refiner.out[1].weight, std=0.5)
+    fed = []
+    decode = net.decode
+    net.decode = lambda emb, points, labels, mask: fed.append(points.shape[1]) or decode(emb, points, labels, mask)
+    seg = InteractiveSegmenter(net, max_extra_windows=0)
+    fg, bg = [CLICK_A, CLICK_B], [[131, 119, 12]]
+    first = seg.segment(path, path, fg[:1], [], session_key="obey")
+    result = seg.segment(path, path, fg, bg, session_key="obey")
+    assert fed == [1, 3]  # round two: A again, then the new B and the background click
+    assert all(result.mask[tuple(c)] == 1 for c in fg) and result.mask[tuple(bg[0])] == 0
+    undo = seg.segment(path, path, fg[:1], [], session_key="obey")
+    np.testing.assert_array_equal(undo.mask, first.mask)
+    assert first.mask[tuple(CLICK_A)] == 1
+
+    net.click_consistent = False
+    raw = InteractiveSegmenter(net, max_extra_windows=0).segment(path, path, fg, bg).mask
+    assert not np.array_equal(raw, result.mask)  # the random network's own mask disobeys somewhere
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@
 # Measured on the 2-core dev CPU: 59 min (OMP_NUM_THREADS=1, the other core busy with other jobs); validation
 # Dice@5 0.52 at epoch 8, best 0.60 at epoch 16. Extra arguments override the training config.
 # It pins the Zoom Loss's alpha_fg to 0.5, the value the shipped file was trained with (cpu_tiny now fine-tunes at
-# 0.25). One difference a rerun cannot undo: the shipped refiner was pretrained on each round's new click only;
+# 0.25), and the click loop the shipped file was trained with: the decoder gets the new click only and the masks
+# are not made click-consistent (cpu_tiny now fine-tunes with multi_click and click_consistent on). One difference a rerun cannot undo: the shipped refiner was pretrained on each round's new click only;
 # the current code gives it every click so far, in pretraining and in README command 1's fine-tuning.
 # A longer recipe was measured and not adopted (bundle/docs/README.md, "Results"): 240 volumes, 16 epochs,
 # alpha_fg 0.25, every click (50 min, 2 threads) reached validation Dice@5 0.64, but 57.9 % test Dice@5 after
@@ -22,7 +23,7 @@ out=bundle/models/pretrained/sgp_sam_tiny_synthetic.pt
 (cd bundle && python -m scripts.synthetic_data --output_dir "../$corpus" --num_train 160 --num_val 12 --num_test 0 --seed 1000)
 python -m monai.bundle run training --config_file "['bundle/configs/train.json','configs/cpu_tiny.json']" \
     --dataset_dir "$corpus" --ckpt_dir "$work/models" --output_dir "$work" --max_epochs 18 --val_interval 2 \
-    --zoom_alpha_fg 0.5 "$@"
+    --zoom_alpha_fg 0.5 --multi_click False --click_consistent False "$@"
 python - "$work/models/model.pt" "$out" <<'EOF'
 import os
 import sys

@@ -1,7 +1,8 @@
 """Click rounds on one encoded crop: SAM-Med3D's training protocol and the deterministic evaluation protocol.
 
 Both feed the decoder, each round, only the NEW click(s) together with the previous round's low-res logits as the
-mask prompt (round one: an all-zero mask prompt), which is how SAM-Med3D was trained and evaluated. The optional
+mask prompt (round one: an all-zero mask prompt), which is how SAM-Med3D was trained and evaluated by default; a
+``multi_click`` network gets every click so far instead (SAM-Med3D's ``--multi_click``). The optional
 high-resolution refiner (our addition) gets every click so far and its own previous output. Training, validation,
 evaluation, inference and the MONAI Label app all go through these functions so they stay consistent.
 """
@@ -14,12 +15,26 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .clicks import dice, next_eval_click, sample_training_click, training_round_schedule
+from .clicks import click_consistent_logits, dice, next_eval_click, sample_training_click, training_round_schedule
 
 
 def initial_mask_prompt(network, batch: int, device) -> torch.Tensor:
     """All-zero low-res mask prompt of round one, (B, 1, X/4... ) as SAM-Med3D feeds it."""
     return torch.zeros((batch, 1, *network.low_res_size), device=device)
+
+
+def decoder_clicks(network, new: tuple, history: tuple) -> tuple:
+    """The (points, labels) a round feeds the decoder: the new click(s), or every click so far (``history``, the new
+    ones included) for a ``multi_click`` network."""
+    return history if getattr(network, "multi_click", False) else new
+
+
+def shown_logits(network, logits: torch.Tensor, points=None, labels=None) -> torch.Tensor:
+    """The round's logits as the annotator sees them (detached): made to agree with every click so far when the
+    network is ``click_consistent``. They pick the next click and are the refiner's previous-round input."""
+    if not getattr(network, "click_consistent", False):
+        return logits.detach()
+    return click_consistent_logits(logits, points, labels)
 
 
 def training_rounds(
@@ -53,11 +68,11 @@ def training_rounds(
     prev_logits = initial_mask_prompt(network, images.shape[0], images.device)
     target_bool = targets > 0.5
     total = images.new_zeros(())
-    logits = None
-    history = (None, None)  # every click fed so far: the refiner's input (the decoder gets the new one only)
+    logits = shown = None  # the network's logits (the loss's input) and what the annotator sees of them
+    history = (None, None)  # every click fed so far: the refiner's input (the decoder's with multi_click)
     for feed_points in training_round_schedule(num_rounds, rng):
         with torch.no_grad():
-            pred = torch.zeros_like(target_bool) if logits is None else logits.detach() > 0
+            pred = torch.zeros_like(target_bool) if shown is None else shown > 0
             points, labels = sample_training_click(pred, target_bool, generator)
             if protocol_click_fraction > 0 and feed_points:
                 points, labels = _protocol_clicks(pred, target_bool, points, labels, protocol_click_fraction, rng)
@@ -65,10 +80,11 @@ def training_rounds(
             points = labels = None
         else:
             history = _append_clicks(history, points, labels)
+            points, labels = decoder_clicks(network, (points, labels), history)
         low_res, _ = network.decode(embeddings, points, labels, prev_logits)
-        prev_full = None if logits is None else logits.detach()
-        logits = network.full_res_logits(low_res, images.shape[2:], features, prev_full, *history)
+        logits = network.full_res_logits(low_res, images.shape[2:], features, shown, *history)
         total = total + loss_fn(logits.float(), targets.float())
+        shown = shown_logits(network, logits, *history)
         prev_logits = low_res.detach()  # no gradient through earlier rounds (memory), as in VISTA3D-style training
     return total, logits
 
@@ -134,9 +150,10 @@ def evaluation_clicks(
         point, label = click
         points = torch.as_tensor(np.asarray(point, dtype=np.float32)[None, None], device=image.device)
         labels = torch.as_tensor([[int(label)]], device=image.device)
-        prev_logits, _ = network.decode(embedding, points, labels, prev_logits)
         history = _append_clicks(history, points, labels)
+        prev_logits, _ = network.decode(embedding, *decoder_clicks(network, (points, labels), history), prev_logits)
         full_logits = network.full_res_logits(prev_logits.float(), target.shape, features, full_logits, *history)
+        full_logits = shown_logits(network, full_logits, *history)
         pred = (full_logits > 0)[0, 0].cpu().numpy()
         result["dice"].append(float(dice(pred, target)))
         result["points"].append(tuple(int(p) for p in point))

@@ -5,6 +5,7 @@ axis order, ``(B, N, 3)`` float; labels ``(B, N)``: 1 foreground, 0 background, 
 
 * Training (SAM-Med3D protocol): :func:`sample_training_click`, :func:`training_round_schedule`.
 * Evaluation (deterministic, RITM-style): :func:`next_eval_click`.
+* Click consistency (training, evaluation and the app alike): :func:`click_consistent_logits`.
 * Metrics: :func:`dice`, :func:`number_of_clicks`, :func:`lesion_size_bin`, :func:`summarise`
   (also grouped as :class:`InteractiveMetrics`).
 """
@@ -19,12 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 from monai.metrics import compute_dice
-from scipy.ndimage import distance_transform_edt
+from scipy.ndimage import distance_transform_edt, generate_binary_structure
+from scipy.ndimage import label as label_components
 
 __all__ = [
     "sample_training_click",
     "training_round_schedule",
     "next_eval_click",
+    "click_consistent_logits",
     "dice",
     "number_of_clicks",
     "lesion_size_bin",
@@ -168,6 +171,63 @@ def next_eval_click(
     if fn_dist > fp_dist:
         return fn_point, 1
     return fp_point, 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# click consistency
+# ----------------------------------------------------------------------------------------------------------------
+def click_consistent_logits(
+    logits: torch.Tensor,
+    points: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    connectivity: int = 3,
+    margin: float = 4.0,
+    keep_clicked_components: bool = True,
+) -> torch.Tensor:
+    """Logits whose mask (``logits > 0``) agrees with every click so far.
+
+    An annotator's click is a fact about one voxel, but the network treats it as a hint: it may leave a
+    foreground click outside the mask (a 4-voxel lesion it cannot see) or keep a background click inside it. Here
+    each clicked voxel takes its click's label (a later click on the same voxel wins), and, when there is a
+    foreground click, only the connected components of the mask that hold one are kept: the object is what was
+    clicked, not a blob elsewhere in the crop (a neighbouring lesion, a vessel). Only the logits whose sign
+    disagrees change, to ``±margin``, so the next round's refiner input and the undo snapshots stay consistent.
+
+    Hand-written: MONAI's ``KeepLargestConnectedComponent`` keeps by size, not by seed.
+
+    Args:
+        logits: (B, 1, X, Y, Z) crop-resolution logits (not modified; the result is detached).
+        points: (B, N, 3) crop voxel indices of every click so far, or None.
+        labels: (B, N) 1 foreground, 0 background, -1 padding (ignored), or None.
+        connectivity: 1, 2 or 3 (26-neighbours, as the evaluation's lesion components).
+        margin: logit magnitude given to a flipped voxel (sigmoid(4) = 0.98).
+        keep_clicked_components: False keeps every component (click voxels are still set).
+
+    Returns:
+        (B, 1, X, Y, Z) logits, same dtype and device.
+    """
+    if points is None or labels is None or points.shape[1] == 0:
+        return logits.detach()
+    if logits.ndim != 5 or logits.shape[1] != 1:
+        raise ValueError(f"expected (B, 1, X, Y, Z) logits, got {tuple(logits.shape)}")
+    logits = logits.detach()
+    mask = (logits > 0)[:, 0].cpu().numpy()
+    shape = np.asarray(mask.shape[1:])
+    coords = np.clip(np.rint(points.detach().cpu().numpy()).astype(np.int64), 0, shape - 1)
+    clicks = labels.detach().cpu().numpy()
+    structure = generate_binary_structure(3, connectivity)
+    for b in range(mask.shape[0]):
+        valid = clicks[b] >= 0
+        for (x, y, z), lab in zip(coords[b][valid], clicks[b][valid]):
+            mask[b, x, y, z] = bool(lab)
+        seeds = coords[b][valid & (clicks[b] == 1)]
+        if keep_clicked_components and len(seeds):
+            components, _ = label_components(mask[b], structure)
+            kept = np.unique(components[tuple(seeds.T)])
+            mask[b] = np.isin(components, kept[kept > 0])
+    consistent = torch.as_tensor(mask, device=logits.device)[:, None]
+    flip_on, flip_off = consistent & (logits <= 0), ~consistent & (logits > 0)
+    return torch.where(flip_on, margin, torch.where(flip_off, -margin, logits)).to(logits.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

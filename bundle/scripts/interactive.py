@@ -73,6 +73,7 @@ from monai.transforms import SpatialResample
 from monai.utils import convert_to_tensor
 
 from .click_rounds import initial_mask_prompt
+from .clicks import click_consistent_logits
 from .transforms import (
     InferenceImage,
     centred_crop_start,
@@ -503,15 +504,22 @@ class InteractiveSegmenter:
         return logits.float()
 
     @torch.inference_mode()
-    def _full_res(self, image_id, inf, start, low_res, prev: torch.Tensor | None, clicks: list[_Click]) -> torch.Tensor:
+    def _full_res(
+        self, image_id, inf, start, low_res, prev: torch.Tensor | None, clicks: list[_Click], main: bool = True
+    ) -> torch.Tensor:
         """(S, S, S) float16 CPU crop-resolution logits of one window's round: upsampled, then refined if the model
-        has a refiner (which also sees the window's previous logits ``prev`` and all its clicks so far)."""
-        features = points = labels = prev_logits = None
+        has a refiner (which also sees the window's previous logits ``prev`` and all its clicks so far), then made
+        to agree with the window's clicks if the model is ``click_consistent``. Only the object's ``main`` window
+        keeps just the components holding a foreground click: an extension window's part of a large lesion may
+        reach the clicked part only through the neighbouring window."""
+        features = prev_logits = None
+        points, labels = self._click_tensors(clicks, start)
         if getattr(self.network, "refiner", None) is not None:
             features = self._refine_features(image_id, inf, start)
-            points, labels = self._click_tensors(clicks, start)
             prev_logits = None if prev is None else prev[None, None].to(self.device, torch.float32)
         logits = self.network.full_res_logits(low_res, (self.crop_size,) * 3, features, prev_logits, points, labels)
+        if getattr(self.network, "click_consistent", False) and points is not None:
+            logits = click_consistent_logits(logits, points, labels, keep_clicked_components=main)
         return logits[0, 0].half().cpu()  # half precision: snapshots (undo) keep one per window and round
 
     # -- geometry helpers -----------------------------------------------------------------------------------------
@@ -572,8 +580,9 @@ class InteractiveSegmenter:
             if in_main or obj.logits is None:
                 emb = self._embedding(image_id, inf, obj.start)
                 prompt = obj.logits if obj.logits is not None else initial_mask_prompt(self.network, 1, self.device)
-                obj.logits = self._decode(emb, in_main, obj.start, prompt)
                 in_window = [c for c in obj.clicks if self._inside(c.point, obj.start)]
+                fed = in_window if getattr(self.network, "multi_click", False) else in_main
+                obj.logits = self._decode(emb, fed, obj.start, prompt)
                 obj.full = self._full_res(image_id, inf, obj.start, obj.logits, obj.full, in_window)
             obj.extra = self._extend(image_id, inf, obj)
 
@@ -612,7 +621,8 @@ class InteractiveSegmenter:
             prompt = F.interpolate(prior, size=tuple(self.network.low_res_size), mode="area")
             emb = self._embedding(image_id, inf, start)
             inside = [c for c in obj.clicks if self._inside(c.point, start)]
-            full = self._full_res(image_id, inf, start, self._decode(emb, inside, start, prompt), None, inside)
+            low_res = self._decode(emb, inside, start, prompt)
+            full = self._full_res(image_id, inf, start, low_res, None, inside, main=False)
             extra.append((start, full))
             win_mask = add(start, full)
             queue.extend(n for n in self._touching_faces(start, win_mask, shape) if n not in seen)

@@ -93,6 +93,8 @@ class NetworkLoader:
                 sgpm=self.settings.sgpm,
                 click_map=self.settings.click_map,
                 refiner=self.settings.refiner,
+                click_consistent=self.settings.click_consistent,
+                multi_click=self.settings.multi_click,
             )
 
     def _load(self, path: str | None, key: str) -> LoadedModel:

@@ -26,6 +26,8 @@ CONF_HELP = {
     "sgpm": "true/false: Self-Gated Prompting Module on top of SAM-Med3D (default true)",
     "click_map": "true/false: dense click-map prompt (docs/method.md; default false; true for cpu_tiny-trained models)",
     "refiner": "true/false: high-resolution mask refiner (docs/method.md; default false; true for cpu_tiny-trained models)",
+    "multi_click": "true/false: decoder gets every click so far (SAM-Med3D --multi_click; true for cpu_tiny models)",
+    "click_consistent": "true/false: masks agree with the clicks, clicked lesion only (docs/method.md; default true)",
     "device": "cpu | cuda | cuda:N (default cuda when available)",
     "cache_mb": "embedding/volume LRU cap in MiB (default 2048)",
     "image_channel": "input channel of multi-channel images (default: images must have one channel)",
@@ -66,6 +68,8 @@ class AppSettings:
     sgpm: bool
     click_map: bool
     refiner: bool
+    click_consistent: bool
+    multi_click: bool
     checkpoint: str | None  # None = random initialisation
     checkpoint_is_default: bool  # picked automatically (bundle/models/model.pt), not named by the user
     model_dir: str
@@ -102,6 +106,8 @@ class AppSettings:
             "sgpm": self.sgpm,
             "click_map": self.click_map,
             "refiner": self.refiner,
+            "click_consistent": self.click_consistent,
+            "multi_click": self.multi_click,
             "checkpoint": self.checkpoint or "random-init",
             "model_dir": self.model_dir,
             "device": self.device,
@@ -162,6 +168,8 @@ class AppSettings:
             sgpm=sgpm,
             click_map=_bool(conf.get("click_map", "false"), "click_map"),
             refiner=_bool(conf.get("refiner", "false"), "refiner"),
+            click_consistent=_bool(conf.get("click_consistent", "true"), "click_consistent"),
+            multi_click=_bool(conf.get("multi_click", "false"), "multi_click"),
             checkpoint=checkpoint,
             checkpoint_is_default=is_default,
             model_dir=model_dir,

@@ -87,6 +87,8 @@ def build_sgp_sam(
     in_chans: int = 1,
     click_map: bool = False,
     refiner: bool = False,
+    click_consistent: bool = True,
+    multi_click: bool = False,
     adapter: str | None = None,
     adapter_dim: int | None = None,
     adapter_kernel: str | Sequence[int] = "depth",
@@ -113,6 +115,11 @@ def build_sgp_sam(
         attention_impl: "fast" (exact, default) or "naive" padded-window attention.
         click_map: add the dense click-map prompt (``click_map.*``, zero-initialised; ``click_prompt.py``).
         refiner: add the high-resolution mask refiner (``refiner.*``, zero-initialised; ``refine.py``).
+        click_consistent: every round's mask agrees with the clicks: clicked voxels take their label and only the
+            components holding a foreground click are kept (``scripts.clicks.click_consistent_logits``). No weights;
+            False gives the raw network output, as SAM-Med3D returns it.
+        multi_click: the decoder gets every click so far each round (SAM-Med3D's ``--multi_click`` training and
+            inference option); False feeds only the new click, SAM-Med3D's default and how its weights were trained.
         adapter: None or "ma_sam" (MA-SAM 3D adapters + FacT under ``extensions.ma_sam``).
         adapter_dim: MA-SAM adapter bottleneck (None: embed_dim // 2 = MA-SAM's 384 at 768; 0: no adapters).
         adapter_kernel: "depth" (MA-SAM, 3 along the slice axis Z), "cube" (depthwise 3^3), "cube_full" (full 3^3)
@@ -170,7 +177,17 @@ def build_sgp_sam(
     clicks = None
     if click_map:
         clicks = ClickMapPrompt(cfg["out_chans"], (grid, grid, grid), (cfg["img_size"],) * 3, cfg["mask_in_chans"])
-    model = SGPSAM(encoder, prompt_encoder, decoder, module, clicks, MaskRefiner(in_chans) if refiner else None)
+    refine = MaskRefiner(in_chans) if refiner else None
+    model = SGPSAM(
+        encoder,
+        prompt_encoder,
+        decoder,
+        module,
+        clicks,
+        refine,
+        click_consistent=click_consistent,
+        multi_click=multi_click,
+    )
     if adapter is not None:
         if adapter != "ma_sam":
             raise ValueError(f"unknown adapter {adapter!r}; choose None or 'ma_sam'")

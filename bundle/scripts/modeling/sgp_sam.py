@@ -26,6 +26,9 @@ class SGPSAM(nn.Module):
     Use ``encode`` once per image crop and ``decode`` once per click round; ``forward`` chains both.
     ``full_res_logits`` turns a round's low-res logits into crop-resolution logits: trilinear upsampling, then the
     optional high-resolution ``refiner`` (which needs ``refine_features`` of the crop, computed once like ``encode``).
+    With ``multi_click`` the click loops feed ``decode`` every click so far instead of the new one. With
+    ``click_consistent`` they (``scripts.click_rounds``, ``scripts.interactive``) make each round's
+    mask agree with the clicks before it is shown, scored or fed back.
     """
 
     def __init__(
@@ -36,8 +39,14 @@ class SGPSAM(nn.Module):
         sgpm: SelfGatedPromptingModule | None = None,
         click_map: ClickMapPrompt | None = None,
         refiner: MaskRefiner | None = None,
+        click_consistent: bool = False,
+        multi_click: bool = False,
     ) -> None:
         super().__init__()
+        # The decoder gets every click so far, not only the new one (SAM-Med3D's ``--multi_click``); a flag.
+        self.multi_click = bool(multi_click)
+        # Masks agree with the clicks (``scripts.clicks.click_consistent_logits``); a flag, not a weight.
+        self.click_consistent = bool(click_consistent)
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder

@@ -141,6 +141,8 @@ class SGPSAMTrain(BundleTrainTask):
                 "sgpm": s.sgpm,
                 "click_map": s.click_map,
                 "refiner": s.refiner,
+                "click_consistent": s.click_consistent,
+                "multi_click": s.multi_click,
                 "roi_size": s.roi_size,
                 "spacing": s.spacing,
                 "image_channel": s.image_channel,
