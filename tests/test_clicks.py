@@ -370,6 +370,8 @@ def test_click_consistent_logits_without_foreground_clicks_or_component_filter()
         logits, torch.tensor([[[3.0, 3.0, 3.0]]]), torch.tensor([[1]]), keep_clicked_components=False
     )
     assert torch.equal(kept, logits)
+    undone = torch.tensor([[[3.0, 3.0, 3.0], [3.0, 3.0, 3.0]]]), torch.tensor([[1, 0]])  # a click taken back
+    assert not (click_consistent_logits(torch.full_like(logits, -1.0), *undone) > 0).any()
     with pytest.raises(ValueError, match="expected"):
         click_consistent_logits(logits[0], torch.tensor([[[3.0, 3.0, 3.0]]]), torch.tensor([[1]]))
 

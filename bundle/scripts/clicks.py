@@ -221,10 +221,15 @@ def click_consistent_logits(
         for (x, y, z), lab in zip(coords[b][valid], clicks[b][valid]):
             mask[b, x, y, z] = bool(lab)
         seeds = coords[b][valid & (clicks[b] == 1)]
-        if keep_clicked_components and len(seeds):
-            components, _ = label_components(mask[b], structure)
-            kept = np.unique(components[tuple(seeds.T)])
-            mask[b] = np.isin(components, kept[kept > 0])
+        if keep_clicked_components and len(seeds) and mask[b].any():
+            # label inside the mask's bounding box only (a lesion's box is a small part of a 128^3 crop)
+            profiles = [np.flatnonzero(mask[b].any(axis=tuple(j for j in range(3) if j != i))) for i in range(3)]
+            box = tuple(slice(int(p[0]), int(p[-1]) + 1) for p in profiles)
+            components, count = label_components(mask[b][box], structure)
+            kept = np.zeros(count + 1, dtype=bool)  # lookup table: far cheaper than np.isin
+            kept[components[tuple((seeds - [sl.start for sl in box]).T)]] = True
+            kept[0] = False
+            mask[b][box] = kept[components]
     consistent = torch.as_tensor(mask, device=logits.device)[:, None]
     flip_on, flip_off = consistent & (logits <= 0), ~consistent & (logits > 0)
     return torch.where(flip_on, margin, torch.where(flip_off, -margin, logits)).to(logits.dtype)
