@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bundle"))
 
+from scripts.clicks import click_consistent_logits  # noqa: E402
 from scripts.modeling import build_sgp_sam  # noqa: E402
 
 
@@ -144,6 +145,17 @@ def main() -> None:
         per_click = timed(decode_click, device, args.clicks, warmup=2)
     rows.append(("decoder per click, cached embedding, incl. upsample (ms, median)", f"{1e3 * statistics.median(per_click):.1f}"))
     rows.append(("decoder peak memory (MiB)", f"{mem_dec.peak_mib:.0f}"))
+
+    # click consistency (default on) runs after each round on the crop-resolution logits: a lesion-like mask (a
+    # ball of radius 10 voxels plus a second blob) and every click so far
+    grid = torch.stack(torch.meshgrid(*[torch.arange(size, dtype=torch.float32)] * 3, indexing="ij"))
+    ball = lambda centre, r: r - ((grid - centre) ** 2).sum(0).sqrt()  # noqa: E731
+    lesion_logits = torch.maximum(ball(size / 2, 10.0), ball(size / 5, 4.0))[None, None].to(device)
+    all_clicks = torch.cat([torch.full((1, 1, 3), size / 2.0, device=device), *clicks], 1)
+    all_labels = torch.zeros(1, all_clicks.shape[1], dtype=torch.long, device=device)
+    all_labels[0, 0] = 1
+    per_round = timed(lambda: click_consistent_logits(lesion_logits, all_clicks, all_labels), device, args.clicks)
+    rows.append((f"click consistency per round, {all_clicks.shape[1]} clicks (ms, median)", f"{1e3 * statistics.median(per_round):.1f}"))
 
     tiny = build_sgp_sam("tiny", sgpm=True).to(device).train()
     x = torch.randn(2, 1, 64, 64, 64, device=device)

@@ -554,10 +554,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     jobs = args.jobs or (1 if torch.cuda.is_available() else max(1, min(cores, 4)))
     threads = max(1, cores // jobs)
-    # The click-map prompt and the refiner stay off, and the Zoom Loss keeps its region-mean zoom term: the study
-    # compares the published methods' own prompt and output paths, and the recorded results in
-    # docs/transfer_study.md were measured that way.
-    network_overrides: dict[str, Any] = {"click_map": False, "refiner": False, "zoom_rim_normalised": False}
+    # The click-map prompt, the refiner and click-consistent masks stay off, the decoder gets the new click only,
+    # and the Zoom Loss keeps its region-mean zoom term: the study compares the published methods' own prompt and
+    # output paths, and the recorded results in docs/transfer_study.md were measured that way.
+    network_overrides: dict[str, Any] = {
+        "click_map": False,
+        "refiner": False,
+        "click_consistent": False,
+        "multi_click": False,
+        "zoom_rim_normalised": False,
+    }
     if args.network_preset != "tiny":
         network_overrides.update(preset=args.network_preset, roi_size=PRESETS[args.network_preset]["img_size"])
     torch.set_num_threads(threads)
