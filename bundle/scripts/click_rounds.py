@@ -29,12 +29,15 @@ def decoder_clicks(network, new: tuple, history: tuple) -> tuple:
     return history if getattr(network, "multi_click", False) else new
 
 
-def shown_logits(network, logits: torch.Tensor, points=None, labels=None) -> torch.Tensor:
+def shown_logits(
+    network, logits: torch.Tensor, points=None, labels=None, keep_clicked_components: bool = True
+) -> torch.Tensor:
     """The round's logits as the annotator sees them (detached): made to agree with every click so far when the
-    network is ``click_consistent``. They pick the next click and are the refiner's previous-round input."""
+    network is ``click_consistent`` (:func:`scripts.clicks.click_consistent_logits`). They pick the next click and
+    are the refiner's previous-round input."""
     if not getattr(network, "click_consistent", False):
         return logits.detach()
-    return click_consistent_logits(logits, points, labels)
+    return click_consistent_logits(logits, points, labels, keep_clicked_components=keep_clicked_components)
 
 
 def training_rounds(

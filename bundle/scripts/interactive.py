@@ -44,7 +44,9 @@ per object and recomputed whenever the object gets new clicks:
        overlap it; the union's maximum logit) and area-downsampled to the low-res grid; the part no window has
        seen yet is 0, i.e. the "no prior" value of round one. No click inside = a mask-only round, which SAM-Med3D
        also trained on;
-    4. the object's mask is the union over its windows of ``sigmoid(upsampled logits) > 0.5``.
+    4. the object's mask is the union over its windows of ``sigmoid(upsampled logits) > 0.5``, each window's logits
+       first made to agree with its clicks when the network is ``click_consistent`` (``click_rounds.shown_logits``;
+       only the main window keeps just the components that hold a foreground click).
 The merged mask is the union over objects.
 
 Caching: a bounded LRU (``cache_max_bytes``, counted as tensor ``nbytes``) holds the preprocessed volumes (key
@@ -72,8 +74,7 @@ from monai.data import MetaTensor
 from monai.transforms import SpatialResample
 from monai.utils import convert_to_tensor
 
-from .click_rounds import initial_mask_prompt
-from .clicks import click_consistent_logits
+from .click_rounds import initial_mask_prompt, shown_logits
 from .transforms import (
     InferenceImage,
     centred_crop_start,
@@ -518,8 +519,7 @@ class InteractiveSegmenter:
             features = self._refine_features(image_id, inf, start)
             prev_logits = None if prev is None else prev[None, None].to(self.device, torch.float32)
         logits = self.network.full_res_logits(low_res, (self.crop_size,) * 3, features, prev_logits, points, labels)
-        if getattr(self.network, "click_consistent", False) and points is not None:
-            logits = click_consistent_logits(logits, points, labels, keep_clicked_components=main)
+        logits = shown_logits(self.network, logits, points, labels, keep_clicked_components=main)
         return logits[0, 0].half().cpu()  # half precision: snapshots (undo) keep one per window and round
 
     # -- geometry helpers -----------------------------------------------------------------------------------------
