@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no_amp", action="store_true")
     parser.add_argument("--train_image_encoder", action="store_true", help="default: frozen encoder")
+    parser.add_argument("--raw_masks", action="store_true", help="click_consistent off (default on, as train.json)")
     parser.add_argument("--iterations", type=int, default=10, help="timed iterations (after 2 warm-up ones)")
     parser.add_argument("--dataset_dir", default=None, help="default: a small generated synthetic dataset")
     args = parser.parse_args()
@@ -54,6 +55,7 @@ def main() -> None:
         "amp": not args.no_amp,
         "device": f"$torch.device('{args.device}')",
         "train_image_encoder": args.train_image_encoder,
+        "click_consistent": not args.raw_masks,
         "num_workers": 2,
         "max_epochs": 1,
         "iterations_per_epoch": args.iterations + 2,
@@ -93,7 +95,8 @@ def main() -> None:
     total = sum(p.numel() for p in trainer.network.parameters())
 
     print(f"# SGP-SAM training benchmark: preset {args.preset}, {args.roi_size}^3, batch {args.batch_size}, "
-          f"{args.num_rounds} click rounds, amp {not args.no_amp}, device {device}")  # fmt: skip
+          f"{args.num_rounds} click rounds, amp {not args.no_amp}, click_consistent {not args.raw_masks}, "
+          f"device {device}")  # fmt: skip
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# machine: {name}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     print("| measurement | value |\n|---|---|")
