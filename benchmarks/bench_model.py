@@ -155,7 +155,8 @@ def main() -> None:
     all_labels = torch.zeros(1, all_clicks.shape[1], dtype=torch.long, device=device)
     all_labels[0, 0] = 1
     per_round = timed(lambda: click_consistent_logits(lesion_logits, all_clicks, all_labels), device, args.clicks)
-    rows.append((f"click consistency per round, {all_clicks.shape[1]} clicks (ms, median)", f"{1e3 * statistics.median(per_round):.1f}"))
+    name = f"click consistency per round, {all_clicks.shape[1]} clicks (ms, median)"
+    rows.append((name, f"{1e3 * statistics.median(per_round):.1f}"))
 
     tiny = build_sgp_sam("tiny", sgpm=True).to(device).train()
     x = torch.randn(2, 1, 64, 64, 64, device=device)
