@@ -74,6 +74,8 @@ def training_rounds(
     logits = shown = None  # the network's logits (the loss's input) and what the annotator sees of them
     history = (None, None)  # every click fed so far: the refiner's input (the decoder's with multi_click)
     for feed_points in training_round_schedule(num_rounds, rng):
+        if logits is not None:  # made here, not after the loss, so the last round's is never computed
+            shown = shown_logits(network, logits, *history)
         with torch.no_grad():
             pred = torch.zeros_like(target_bool) if shown is None else shown > 0
             points, labels = sample_training_click(pred, target_bool, generator)
@@ -87,7 +89,6 @@ def training_rounds(
         low_res, _ = network.decode(embeddings, points, labels, prev_logits)
         logits = network.full_res_logits(low_res, images.shape[2:], features, shown, *history)
         total = total + loss_fn(logits.float(), targets.float())
-        shown = shown_logits(network, logits, *history)
         prev_logits = low_res.detach()  # no gradient through earlier rounds (memory), as in VISTA3D-style training
     return total, logits
 
