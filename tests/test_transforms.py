@@ -22,6 +22,7 @@ from scripts.transforms import (
     get_train_transforms,
     get_val_transforms,
     lesion_components,
+    lesion_items,
     load_datalist,
     normalise_crop,
     paste_crop,
@@ -231,3 +232,44 @@ def test_datalist_and_full_pipelines(synthetic_json):
     val = get_val_transforms(roi_size=32)
     a, b = val(dict(items["validation"][0])), val(dict(items["validation"][0]))
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+def test_lesion_items_counts_lesions_on_the_training_grid(tmp_path):
+    # 0.75 x 0.75 x 3 mm label: a large and a small lesion, and two specks one 0.75 mm voxel apart that the 1.5 mm
+    # grid merges into one lesion, so counting at the file's resolution would ask the crop for a lesion it lacks.
+    label = np.zeros((64, 64, 16), np.uint8)
+    label[8:30, 8:30, 3:9] = 1
+    label[40:46, 40:46, 10:12] = 1
+    label[51:53, 10:12, 4:6] = 1
+    label[54:56, 10:12, 4:6] = 1
+    image = np.random.default_rng(0).normal(size=label.shape).astype(np.float32)
+    affine = np.diag([0.75, 0.75, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(label, affine), str(tmp_path / "l.nii.gz"))
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "i.nii.gz"))
+    case = {"image": str(tmp_path / "i.nii.gz"), "label": str(tmp_path / "l.nii.gz")}
+    assert ndimage.label(label)[1] == 4
+
+    items = lesion_items([case], "all")
+    assert [i["lesion_index"] for i in items] == [0, 1, 2]
+    val = get_val_transforms(roi_size=16)
+    crops = [val(dict(i)) for i in items]
+    assert all(c["num_lesions"] == 3 for c in crops)
+    sizes = [int(c["lesion_voxels"]) for c in crops]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 3  # each item crops a different lesion
+
+    assert [i["lesion_index"] for i in lesion_items([case, case])] == [0, -1, 0, -1]
+    assert [i["lesion_index"] for i in lesion_items([case], [1, -1])] == [1, -1]
+    with pytest.raises(ValueError, match="'extremes', 'all' or a list"):
+        lesion_items([case], "every")
+    empty = {"image": case["image"], "label": _write_nifti(np.zeros_like(label), tmp_path / "empty.nii.gz")}
+    assert [i["lesion_index"] for i in lesion_items([empty], "all")] == [0]  # one centre crop, as with "extremes"
+
+
+def test_label_only_preprocessing_matches_the_full_pipeline(brain1):
+    files, full = brain1
+    label_only = get_preprocess_transforms(image_key=None)({"label": files["label"]})
+    assert "image" not in label_only
+    assert torch.equal(label_only["label"].as_tensor(), full["label"].as_tensor())
+    np.testing.assert_allclose(label_only["label"].affine.numpy(), full["label"].affine.numpy())
+    with pytest.raises(ValueError, match="image_key, a label_key or both"):
+        get_preprocess_transforms(image_key=None, label_key=None)

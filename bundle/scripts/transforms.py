@@ -67,6 +67,7 @@ __all__ = [
     "get_train_transforms",
     "get_val_transforms",
     "lesion_components",
+    "lesion_items",
     "load_datalist",
     "normalise_crop",
     "paste_crop",
@@ -389,7 +390,7 @@ def get_preprocess_transforms(
     image_channel: int | None = None,
     ct_clamp: bool = False,
     spacing: float = 1.5,
-    image_key: str = "image",
+    image_key: str | None = "image",
     label_key: str | None = "label",
     load: bool = True,
     anatomy_key: str | None = None,
@@ -400,14 +401,16 @@ def get_preprocess_transforms(
 
     Output: ``image`` (1, X, Y, Z) float32 RAS at ``spacing`` mm (not normalised); ``label`` (1, X, Y, Z) float32 0/1
     where the original label is in ``target_label`` (int or list, e.g. MSD Task03 liver tumour 2, Task01 enhancing
-    tumour 3; None keeps any label > 0). ``label_key=None`` builds the image-only pipeline; ``load=False`` expects
-    channel-first tensors already in the dict. Good for ``CacheDataset``/``PersistentDataset``.
+    tumour 3; None keeps any label > 0). ``label_key=None`` builds the image-only pipeline, ``image_key=None`` the
+    label-only one; ``load=False`` expects channel-first tensors already in the dict. Good for ``CacheDataset``.
 
     ``anatomy_key`` (None = off) adds a binary organ mask under that key, same grid as the label: where the item's
     ``anatomy_key`` file is in ``anatomy_labels`` (None = any value > 0), or, with ``anatomy_from_label``, where the
     label file is (e.g. MSD Task03: ``[1, 2]`` = liver with its tumours, so the mask has no tumour-shaped holes).
     """
-    keys = [image_key] if label_key is None else [image_key, label_key]
+    if image_key is None and label_key is None:
+        raise ValueError("get_preprocess_transforms needs an image_key, a label_key or both")
+    keys = [k for k in (image_key, label_key) if k is not None]
     anatomy_from_label = bool(anatomy_from_label and anatomy_key)  # inert while the anatomy prompt is off
     if anatomy_from_label and label_key is None:
         raise ValueError("anatomy_from_label needs a label_key to copy the organ mask from")
@@ -420,8 +423,9 @@ def get_preprocess_transforms(
         xforms += [LoadImaged(loaded, image_only=True), EnsureChannelFirstd(loaded)]
     if anatomy_from_label:
         xforms.append(CopyItemsd(label_key, names=anatomy_key))  # before the label keeps only the target
-    xforms.append(SelectChanneld(image_key, channel=image_channel))
-    if ct_clamp:
+    if image_key is not None:
+        xforms.append(SelectChanneld(image_key, channel=image_channel))
+    if ct_clamp and image_key is not None:
         # two thresholds = an exact clamp (ScaleIntensityRanged would re-scale in float arithmetic)
         xforms += [
             ThresholdIntensityd(image_key, threshold=CT_CLAMP_RANGE[1], above=False, cval=CT_CLAMP_RANGE[1]),
@@ -436,7 +440,7 @@ def get_preprocess_transforms(
             xforms.append(LabelFilterd(anatomy_key, applied_labels=_as_label_list(anatomy_labels)))
         xforms.append(AsDiscreted(anatomy_key, threshold=0.5))
         keys = keys + [anatomy_key]
-    modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
+    modes = ["bilinear" if k == image_key else "nearest" for k in keys]
     xforms += [
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),  # explicit: no FutureWarning
         Spacingd(keys, pixdim=(spacing,) * 3, mode=modes),
@@ -547,6 +551,36 @@ def load_datalist(dataset_json: str | os.PathLike, split: str = "training", base
     if split not in available:
         raise KeyError(f"split '{split}' not in {dataset_json}; lists available: {available}")
     return load_decathlon_datalist(dataset_json, is_segmentation=True, data_list_key=split, base_dir=base_dir)
+
+
+def lesion_items(
+    datalist: Sequence[Mapping],
+    lesions: str | Sequence[int] = "extremes",
+    target_label: int | Sequence[int] | None = 1,
+    spacing: float = 1.5,
+    connectivity: int = 3,
+) -> list[dict]:
+    """One item per lesion to validate, ``dict(item, lesion_index=k)`` (k as in :class:`LesionCropd`).
+
+    Args:
+        lesions: "extremes" = each case's largest and smallest lesion (labels not read here); "all" = every lesion,
+            as the evaluation protocol scores them (each label is read once and resampled to ``spacing`` mm like
+            training, so the count is that of the components the crop will see); or a list of indices.
+        target_label, spacing: as in :func:`get_preprocess_transforms`.
+    """
+    if lesions == "extremes":
+        lesions = (0, -1)
+    if lesions != "all":
+        if isinstance(lesions, str) or not all(isinstance(i, int) for i in lesions):
+            raise ValueError(f"lesions must be 'extremes', 'all' or a list of ints, got {lesions!r}")
+        return [dict(item, lesion_index=i) for item in datalist for i in lesions]
+    count_label = get_preprocess_transforms(target_label, spacing=spacing, image_key=None)
+    items = []
+    for item in datalist:
+        label = count_label({"label": item["label"]})["label"]
+        n = len(lesion_components(label, connectivity)[1])
+        items += [dict(item, lesion_index=k) for k in range(max(n, 1))]  # no lesion: one centre crop, as before
+    return items
 
 
 # ----------------------------------------------------------------------------------------------------------------
