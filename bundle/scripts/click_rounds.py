@@ -23,9 +23,9 @@ def initial_mask_prompt(network, batch: int, device) -> torch.Tensor:
     return torch.zeros((batch, 1, *network.low_res_size), device=device)
 
 
-def decoder_clicks(network, new: tuple, history: tuple) -> tuple:
-    """The (points, labels) a round feeds the decoder: the new click(s), or every click so far (``history``, the new
-    ones included) for a ``multi_click`` network."""
+def decoder_clicks(network, new, history):
+    """What a round feeds the decoder: the new click(s), or every click so far (``history``, the new ones included)
+    for a ``multi_click`` network. Any representation works: (points, labels) tensors here, click lists in the app."""
     return history if getattr(network, "multi_click", False) else new
 
 

@@ -74,7 +74,7 @@ from monai.data import MetaTensor
 from monai.transforms import SpatialResample
 from monai.utils import convert_to_tensor
 
-from .click_rounds import initial_mask_prompt, shown_logits
+from .click_rounds import decoder_clicks, initial_mask_prompt, shown_logits
 from .transforms import (
     InferenceImage,
     centred_crop_start,
@@ -581,8 +581,7 @@ class InteractiveSegmenter:
                 emb = self._embedding(image_id, inf, obj.start)
                 prompt = obj.logits if obj.logits is not None else initial_mask_prompt(self.network, 1, self.device)
                 in_window = [c for c in obj.clicks if self._inside(c.point, obj.start)]
-                fed = in_window if getattr(self.network, "multi_click", False) else in_main
-                obj.logits = self._decode(emb, fed, obj.start, prompt)
+                obj.logits = self._decode(emb, decoder_clicks(self.network, in_main, in_window), obj.start, prompt)
                 obj.full = self._full_res(image_id, inf, obj.start, obj.logits, obj.full, in_window)
             obj.extra = self._extend(image_id, inf, obj)
 
