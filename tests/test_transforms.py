@@ -234,6 +234,29 @@ def test_datalist_and_full_pipelines(synthetic_json):
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
 
 
+def test_augmented_crops_move_image_and_labels_together(synthetic_json):
+    item = load_datalist(synthetic_json, "training")[0]
+    plain, augmented = get_train_transforms(roi_size=32), get_train_transforms(roi_size=32, augment=True)
+    # the augmentation follows the crop, so the cached deterministic prefix is the same
+    first_random = next(i for i, t in enumerate(augmented.transforms) if isinstance(t, Randomizable))
+    assert first_random == len(get_preprocess_transforms().transforms)
+    changed = 0
+    for seed in range(6):
+        plain.set_random_state(seed)
+        augmented.set_random_state(seed)
+        a, b = plain(dict(item)), augmented(dict(item))
+        assert b["image"].shape == a["image"].shape and b["label_all"].shape == a["label_all"].shape
+        # same lesion, same crop: flips / axial quarter turns keep its voxel count and its image values
+        assert int(b["label"].sum()) == int(a["label"].sum()) and int(b["label_all"].sum()) == int(a["label_all"].sum())
+        inside_a = a["image"][a["label"] > 0].sort().values
+        inside_b = b["image"][b["label"] > 0].sort().values
+        scale = float(inside_b.abs().sum() / inside_a.abs().sum())
+        assert 0.89 < scale < 1.11
+        torch.testing.assert_close(inside_b, inside_a * scale)
+        changed += not torch.equal(a["label"], b["label"])
+    assert changed >= 3  # the label moved with the image in most draws
+
+
 def test_lesion_items_counts_lesions_on_the_training_grid(tmp_path):
     # 0.75 x 0.75 x 3 mm label: a large and a small lesion, and two specks one 0.75 mm voxel apart that the 1.5 mm
     # grid merges into one lesion, so counting at the file's resolution would ask the crop for a lesion it lacks.

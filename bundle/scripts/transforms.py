@@ -44,7 +44,10 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     Orientationd,
+    RandFlipd,
     Randomizable,
+    RandRotate90d,
+    RandScaleIntensityd,
     Spacingd,
     ThresholdIntensityd,
 )
@@ -515,11 +518,29 @@ def get_train_transforms(
     anatomy_key: str | None = None,
     anatomy_labels: int | Sequence[int] | None = None,
     anatomy_from_label: bool = False,
+    augment: bool = False,
 ) -> Compose:
-    """Preprocess + random lesion crop. ``anatomy_*``: optional organ mask, see :func:`get_preprocess_transforms`."""
+    """Preprocess + random lesion crop (+ optional augmentation of the crop).
+
+    ``augment``: random flips on every axis, a random multiple of 90 degrees in the axial plane (axes 0-1 after RAS;
+    the slice axis keeps its direction, since slices are often thicker) and a +-10 % intensity scale, applied to the
+    crop after normalisation, so the cache still holds the preprocessed volumes. A lesion's label does not change
+    under any of them, and with a few dozen training cases they stretch what fine-tuning sees.
+    ``anatomy_*``: optional organ mask, see :func:`get_preprocess_transforms`."""
     crop_kwargs = dict(roi_size=roi_size, jitter=jitter, instance=instance, random=True)
-    return _preprocess_and_crop(
+    transforms = _preprocess_and_crop(
         crop_kwargs, target_label, image_channel, ct_clamp, spacing, anatomy_key, anatomy_labels, anatomy_from_label
+    )
+    if not augment:
+        return transforms
+    spatial = ["image", "label", "label_all", *([anatomy_key] if anatomy_key else [])]
+    return Compose(
+        [
+            *transforms.transforms,
+            *(RandFlipd(spatial, prob=0.5, spatial_axis=axis, allow_missing_keys=True) for axis in range(3)),
+            RandRotate90d(spatial, prob=0.75, max_k=3, spatial_axes=(0, 1), allow_missing_keys=True),
+            RandScaleIntensityd("image", factors=0.1, prob=0.5),
+        ]
     )
 
 
