@@ -47,6 +47,24 @@ def test_checkpoints_then_resume_continues(tmp_path, tiny_dataset):
     assert any(not torch.equal(saved_after_1[k], saved_after_2[k]) for k in saved_after_1)  # it trained on
 
 
+def test_weight_average_is_validated_shipped_and_resumed(tmp_path, tiny_dataset):
+    code, log = _train(tmp_path, tiny_dataset, "--ema_decay", "0.5")
+    assert code == 0, log[-4000:]
+    first = torch.load(tmp_path / "models" / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=True)
+    assert int(first["ema"]["n_averaged"]) == 2  # one update per iteration
+    average = {k[len("module.") :]: v for k, v in first["ema"].items() if k.startswith("module.")}
+    best = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    best = best.get("model", best)
+    moved = [k for k in average if not torch.equal(average[k], first["model"][k])]
+    assert moved  # the average differs from the live weights...
+    assert all(torch.equal(best[k], average[k]) for k in average)  # ...and it is what validation chose and saved
+
+    code, log = _train(tmp_path, tiny_dataset, "--ema_decay", "0.5", "--resume", "True", epochs=2)
+    assert code == 0, log[-4000:]
+    second = torch.load(tmp_path / "models" / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=True)
+    assert int(second["ema"]["n_averaged"]) == 4  # the average carried on from the checkpoint
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_dataset):
     code, log = _train(tmp_path, tiny_dataset, "--resume", "True")
     assert code != 0
