@@ -154,6 +154,48 @@ def test_false_positive_blob_cost_grows_with_its_size_against_the_lesion_rim():
     assert large > 10 * large_region
 
 
+def test_lesion_divisor_hand_computed():
+    # same line as above: with background_divisor "lesion" the zoom region's background sum is divided by the
+    # lesion's own voxel count (x = 0: one voxel); a crop without a lesion falls back to the region's count
+    z = [1.0, -2.0, -2.0, -2.0, 3.0]
+    logits = torch.tensor(z).reshape(1, 1, 5, 1, 1)
+    target = torch.tensor([1.0, 0, 0, 0, 0]).reshape(1, 1, 5, 1, 1)
+    fl = [_fl(v, t) for v, t in zip(z, [1, 0, 0, 0, 0])]
+    kw = dict(zoom_margin=1, zoom_weight=1.0, dice_weight=0.0, lambda_focal=1.0, alpha_fg=0.25)
+    loss = ZoomLoss(background_divisor="lesion", **kw)
+    loss(logits, target)
+    assert loss.last_terms["zoom"] == pytest.approx(0.25 * fl[0] + 0.75 * (fl[1] + fl[3] + fl[4]) / 1, rel=1e-6)
+    empty = torch.zeros_like(target)
+    loss(logits, empty)
+    fl_empty = [_fl(v, 0) for v in z]
+    # region = dilate_1(prediction at x = 0 and x = 4) = x in {0, 1, 3, 4}; background mean alone
+    assert loss.last_terms["zoom"] == pytest.approx((fl_empty[0] + fl_empty[1] + fl_empty[3] + fl_empty[4]) / 4)
+    with pytest.raises(ValueError, match="background_divisor"):
+        ZoomLoss(background_divisor="volume")
+
+
+def _doubled_cost(divisor: str, lesion_side: int) -> float:
+    """Zoom term of a cube lesion found exactly plus a false-positive slab as large as the lesion beside it."""
+    target = torch.zeros(1, 1, 48, 48, 48, dtype=torch.bool)
+    s = slice(8, 8 + lesion_side)
+    target[0, 0, s, s, s] = True
+    logits = torch.where(target, 4.0, -4.0)
+    logits[0, 0, 8 + lesion_side : 8 + 2 * lesion_side, s, s] = 1.0
+    loss = ZoomLoss(dice_weight=0.0, zoom_margin=3, alpha_fg=0.5, background_divisor=divisor)
+    loss(logits, target)
+    return loss.last_terms["zoom"]
+
+
+def test_lesion_divisor_prices_false_positives_by_the_lesion_size():
+    """Why README command 1 uses the lesion divisor: drawing a lesion twice its size should cost the same whatever
+    its size. Divided by the rim, the 8-voxel lesion's doubled mask costs several times less than the 4,096-voxel
+    one's, since a small lesion's rim is many times its volume: small lesions came out 2-20 times too large."""
+    small, large = _doubled_cost("lesion", 2), _doubled_cost("lesion", 16)
+    assert small == pytest.approx(large, rel=0.02)
+    small_rim, large_rim = _doubled_cost("rim", 2), _doubled_cost("rim", 16)
+    assert small_rim < large_rim / 10
+
+
 def test_balanced_focal_empty_region_is_zero():
     focal = torch.ones(1, 1, 2, 2, 2)
     target = torch.zeros(1, 1, 2, 2, 2)

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss, FocalLoss
 from torch import nn
 
-__all__ = ["ZoomLoss", "balanced_focal", "dilate", "build_loss", "LOSSES"]
+__all__ = ["ZoomLoss", "balanced_focal", "dilate", "build_loss", "LOSSES", "BACKGROUND_DIVISORS"]
+
+BACKGROUND_DIVISORS = ("rim", "lesion", "region")
 
 
 def dilate(mask: torch.Tensor, margin: int) -> torch.Tensor:
@@ -109,6 +111,8 @@ class ZoomLoss(nn.Module):
       tiny lesion then gets a blob of the size that suits large lesions. With the rim as divisor, false-positive
       voxels cost in proportion to the lesion's scale: a 4-voxel lesion's blob of 4000 voxels costs about ten
       times a missed lesion, while the same blob next to a 7000-voxel lesion is a small boundary error.
+    * ``background_divisor="lesion"`` divides that sum by ``|y|`` instead, so the false-positive / miss price ratio
+      no longer depends on the lesion's size (a small lesion's rim is many times its volume).
     * ``L_b = w_d·Dice_b + λ·(F_b(Ω) + w_z·F_b(Zr))``, ``Ω`` = whole crop, ``Dice_b`` = MONAI soft Dice
       (sigmoid, per sample, smooth 1e-5).
 
@@ -126,6 +130,10 @@ class ZoomLoss(nn.Module):
         zoom_on_prediction: also dilate the predicted foreground into the zoom region.
         rim_normalised: divide the zoom term's background sum by the lesion rim's size (see above; False: by the
             zoom region's background count, the earlier form, for ablation).
+        background_divisor: what divides the zoom term's background sum: "rim" (the lesion rim's size), "lesion"
+            (the lesion's voxel count: a false positive then costs the same fraction of a miss whatever the lesion's
+            size; docs/method.md, "Lesion divisor") or "region" (the zoom region's background count). None takes
+            it from ``rim_normalised``. A crop without a lesion always uses the region's count.
         reduction: "mean" | "sum" over the batch, or "none" for a ``(B,)`` tensor.
         smooth: Dice numerator/denominator smoothing.
     """
@@ -142,8 +150,13 @@ class ZoomLoss(nn.Module):
         rim_normalised: bool = True,
         reduction: str = "mean",
         smooth: float = 1e-5,
+        background_divisor: str | None = None,
     ) -> None:
         super().__init__()
+        if background_divisor is None:
+            background_divisor = "rim" if rim_normalised else "region"
+        if background_divisor not in BACKGROUND_DIVISORS:
+            raise ValueError(f"background_divisor must be one of {BACKGROUND_DIVISORS}, got {background_divisor!r}")
         if not 0.0 <= alpha_fg <= 1.0:
             raise ValueError(f"alpha_fg must be in [0, 1], got {alpha_fg}")
         if reduction not in ("mean", "sum", "none"):
@@ -155,7 +168,7 @@ class ZoomLoss(nn.Module):
         self.zoom_weight = float(zoom_weight)
         self.dice_weight = float(dice_weight)
         self.zoom_on_prediction = bool(zoom_on_prediction)
-        self.rim_normalised = bool(rim_normalised)
+        self.background_divisor = background_divisor
         self.reduction = reduction
         self.dice = DiceLoss(sigmoid=True, batch=False, reduction="none", smooth_nr=smooth, smooth_dr=smooth)
         self.focal = FocalLoss(gamma=self.gamma, use_softmax=False, reduction="none")
@@ -190,11 +203,13 @@ class ZoomLoss(nn.Module):
             if self.zoom_on_prediction:
                 seed = seed | (logits.detach() > 0)  # sigmoid(z) > 0.5
             region = dilate(seed, self.zoom_margin)
-            rim = None
-            if self.rim_normalised:
-                lesion = target > 0
-                rim = (dilate(lesion, self.zoom_margin) & ~lesion).flatten(2).sum(-1)
-            focal_zoom = balanced_focal(fl, target, region, self.alpha_fg, rim).mean(1)
+            divisor = None
+            lesion = target > 0
+            if self.background_divisor == "rim":
+                divisor = (dilate(lesion, self.zoom_margin) & ~lesion).flatten(2).sum(-1)
+            elif self.background_divisor == "lesion":
+                divisor = lesion.flatten(2).sum(-1)
+            focal_zoom = balanced_focal(fl, target, region, self.alpha_fg, divisor).mean(1)
             loss = loss + self.lambda_focal * self.zoom_weight * focal_zoom
 
         self.last_terms = {
