@@ -563,6 +563,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "click_consistent": False,
         "multi_click": False,
         "zoom_rim_normalised": False,
+        "zoom_background_divisor": "region",
     }
     if args.network_preset != "tiny":
         network_overrides.update(preset=args.network_preset, roi_size=PRESETS[args.network_preset]["img_size"])
