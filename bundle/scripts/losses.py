@@ -199,12 +199,10 @@ class ZoomLoss(nn.Module):
         loss = self.dice_weight * dice + self.lambda_focal * focal_all
         focal_zoom = torch.zeros_like(focal_all)
         if self.zoom_weight != 0.0:
-            seed = target > 0
-            if self.zoom_on_prediction:
-                seed = seed | (logits.detach() > 0)  # sigmoid(z) > 0.5
-            region = dilate(seed, self.zoom_margin)
-            divisor = None
             lesion = target > 0
+            seed = lesion | (logits.detach() > 0) if self.zoom_on_prediction else lesion  # sigmoid(z) > 0.5
+            region = dilate(seed, self.zoom_margin)
+            divisor = None  # "region": the zoom region's own background count
             if self.background_divisor == "rim":
                 divisor = (dilate(lesion, self.zoom_margin) & ~lesion).flatten(2).sum(-1)
             elif self.background_divisor == "lesion":
