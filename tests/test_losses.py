@@ -188,7 +188,7 @@ def _doubled_cost(divisor: str, lesion_side: int) -> float:
 
 def test_lesion_divisor_prices_false_positives_by_the_lesion_size():
     """Why README command 1 uses the lesion divisor: drawing a lesion twice its size should cost the same whatever
-    its size. Divided by the rim, the 8-voxel lesion's doubled mask costs several times less than the 4,096-voxel
+    its size. Divided by the rim, the 8-voxel lesion's doubled mask costs tens of times less than the 4,096-voxel
     one's, since a small lesion's rim is many times its volume: small lesions came out 2-20 times too large."""
     small, large = _doubled_cost("lesion", 2), _doubled_cost("lesion", 16)
     assert small == pytest.approx(large, rel=0.02)
