@@ -1,4 +1,4 @@
-"""Test setup: the bundle's ``scripts`` package and the repo root importable; location of the shared real data."""
+"""Test setup: the bundle's ``scripts`` package and the repo root importable; the vendored test data (tests/data)."""
 
 import os
 import subprocess
@@ -13,9 +13,9 @@ for path in (str(REPO_ROOT), str(BUNDLE_ROOT)):  # bundle first: its package is 
     if path not in sys.path:
         sys.path.insert(0, path)
 
-os.environ.setdefault("SGPSAM_SHARED_DATA", str(REPO_ROOT.parent / "shared" / "data" / "real"))
-REAL_DATA = Path(os.environ["SGPSAM_SHARED_DATA"])
-REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
+TEST_DATA = Path(__file__).resolve().parent / "data"  # real NRRD cases and the SAM-Med3D key list (README there)
+SAM_MED3D_KEYS = TEST_DATA / "sam_med3d_state_dict.txt"
+REFERENCE_DIR = TEST_DATA  # older name, still imported by test_model.py
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,8 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
-    if not (REAL_DATA / "brain1_image.nrrd").exists():
-        pytest.fail(f"real test cases missing under {REAL_DATA} (set SGPSAM_SHARED_DATA)")
-    return REAL_DATA
+    """The vendored pyradiomics MR cases: ``{brain1,brain2,breast1}_{image,label}.nrrd``."""
+    return TEST_DATA
 
 
 def bundle_env() -> dict:

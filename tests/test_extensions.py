@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import REFERENCE_DIR
+from conftest import SAM_MED3D_KEYS
 
 from scripts import text_prompts
 from scripts.checkpoint import CheckpointError, load_weights
@@ -110,8 +110,7 @@ def test_sam_med3d_size_fresh_extensions_equal_backbone():
 
     The equality check runs the first three blocks (two windowed, one global) at full width to stay fast on CPU.
     """
-    reference = {line.split(" ", 1)[0] for line in (REFERENCE_DIR / "sam_med3d_state_dict.txt").read_text().split("\n")}
-    reference.discard("")
+    reference = {line.split(" ", 1)[0] for line in SAM_MED3D_KEYS.read_text().splitlines() if line.strip()}
     full = build_sgp_sam("sam_med3d", sgpm=False, adapter="ma_sam", tags=True)
     assert set(full.backbone_state_keys()) == reference
     assert all(k.startswith("extensions.") for k in set(full.state_dict()) - reference)
