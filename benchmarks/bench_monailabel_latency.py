@@ -34,7 +34,7 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = REPO_ROOT / "apps" / "sgpsam_label"
-DATA_DIR = Path(os.environ.get("SGPSAM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data" / "real"))
+DATA_DIR = REPO_ROOT / "tests" / "data"  # the vendored pyradiomics MR cases
 for path in (REPO_ROOT / "bundle", APP_DIR):
     sys.path.insert(0, str(path))
 
@@ -175,7 +175,7 @@ def main(argv=None) -> None:
     parser.add_argument("--weights", nargs="+", default=["cube", "random"], choices=["cube", "random"])
     parser.add_argument("--repeats", type=int, default=3, help="images (each: one first click)")
     parser.add_argument("--clicks", type=int, default=4, help="clicks per image (1 first + the rest repeat)")
-    parser.add_argument("--case", default="brain2", help="real case under SGPSAM_SHARED_DATA")
+    parser.add_argument("--case", default="brain2", help="real case in tests/data (brain1, brain2, breast1)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", help="write the results as JSON here")
     parser.add_argument("--verbose", action="store_true")
