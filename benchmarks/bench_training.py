@@ -67,7 +67,7 @@ def main() -> None:
     for key, value in overrides.items():
         config[key] = value
     if args.dataset_dir is None:
-        from scripts.synthetic_data import generate_dataset
+        from scripts.data.synthetic_data import generate_dataset
 
         generate_dataset(work / "data", num_train=4, num_val=1, num_test=1)
 

@@ -61,7 +61,7 @@ def run_bundle_cli(*args: str, timeout: float = 300) -> tuple[int, str]:
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """A small embedded-generator dataset (4 train, 2 validation, 2 test cases) shared by the workflow tests."""
-    from scripts.synthetic_data import generate_dataset
+    from scripts.data.synthetic_data import generate_dataset
 
     root = tmp_path_factory.getbasetemp() / "synthetic_4_2_2"
     generate_dataset(root, num_train=4, num_val=2, num_test=2)

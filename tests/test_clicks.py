@@ -285,7 +285,7 @@ class _ClickRecorder(torch.nn.Module):
 
 
 def test_protocol_clicks_follow_the_evaluation_rule_and_the_refiner_sees_every_click():
-    from scripts.click_rounds import training_rounds
+    from scripts.training.click_rounds import training_rounds
 
     target = torch.zeros(2, 1, 16, 16, 16, dtype=torch.bool)
     target[:, :, 3:10, 4:11, 5:12] = True  # a 7^3 cube: its deepest point is its centre (6, 7, 8)
@@ -308,7 +308,7 @@ def test_protocol_clicks_follow_the_evaluation_rule_and_the_refiner_sees_every_c
 
 def test_multi_click_networks_get_every_click_in_the_decoder():
     """SAM-Med3D's --multi_click: training and evaluation rounds feed the decoder every click so far."""
-    from scripts.click_rounds import evaluation_clicks, training_rounds
+    from scripts.training.click_rounds import evaluation_clicks, training_rounds
 
     target = torch.zeros(2, 1, 16, 16, 16, dtype=torch.bool)
     target[:, :, 3:10, 4:11, 5:12] = True
@@ -380,7 +380,7 @@ def test_evaluation_rounds_of_a_click_consistent_network_agree_with_every_click(
     """A random network ignores its clicks; with ``click_consistent`` (the default) every mask the evaluation scores
     still holds each foreground click, no background click, and only the clicked component; without it the raw
     output is scored."""
-    from scripts.click_rounds import evaluation_clicks
+    from scripts.training.click_rounds import evaluation_clicks
     from scripts.modeling import build_sgp_sam
     from scipy import ndimage
 

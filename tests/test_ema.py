@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from ignite.engine import Engine
-from scripts.ema import WeightEMA
+from scripts.training.ema import WeightEMA
 from torch import nn
 
 

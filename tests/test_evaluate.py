@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 from scripts.evaluate import evaluate_dataset, format_markdown_table
-from scripts.synthetic_data import generate_dataset
-from scripts.transforms import get_preprocess_transforms, lesion_components, load_datalist
+from scripts.data.synthetic_data import generate_dataset
+from scripts.data.transforms import get_preprocess_transforms, lesion_components, load_datalist
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

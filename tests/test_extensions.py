@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import SAM_MED3D_KEYS
 
-from scripts import text_prompts
+from scripts.baselines import text_prompts
 from scripts.checkpoint import CheckpointError, load_weights
 from scripts.modeling import build_sgp_sam
-from scripts.modeling.ma_sam import MA3DAdapter, adapter_kernel_size
-from scripts.modeling.tags import binary_focal_dice, default_alignment_levels, tags_alignment_loss
-from scripts.training_policy import set_trainable
+from scripts.baselines.ma_sam import MA3DAdapter, adapter_kernel_size
+from scripts.baselines.tags import binary_focal_dice, default_alignment_levels, tags_alignment_loss
+from scripts.training.trainable import set_trainable
 
 S = 64  # tiny preset crop
 

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from scripts.lesion_visibility import dataset_threshold_ceiling, threshold_ceiling
-from scripts.synthetic_data import generate_dataset
+from experiments.lesion_visibility import dataset_threshold_ceiling, threshold_ceiling
+from scripts.data.synthetic_data import generate_dataset
 
 
 def _cube_case(contrast: float, noise: float, seed: int = 0):

@@ -1,11 +1,11 @@
-"""Tests for bundle/scripts/losses.py: hand-computed values, edge cases, and the imbalance behaviour."""
+"""Tests for bundle/scripts/training/losses.py: hand-computed values, edge cases, and the imbalance behaviour."""
 
 import math
 
 import pytest
 import torch
 from monai.losses import DiceCELoss, FocalLoss
-from scripts.losses import ZoomLoss, balanced_focal, build_loss, dilate
+from scripts.training.losses import ZoomLoss, balanced_focal, build_loss, dilate
 
 
 def _sig(z):

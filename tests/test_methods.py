@@ -44,7 +44,7 @@ def _method(name: str) -> Path:
 @pytest.fixture(scope="module")
 def organ_dataset(tmp_path_factory):
     """Two training, one validation and one test case on a small grid, with organ masks."""
-    from scripts.synthetic_data import generate_dataset
+    from scripts.data.synthetic_data import generate_dataset
 
     root = tmp_path_factory.mktemp("lesions_with_organs")
     generate_dataset(root, num_train=2, num_val=1, num_test=1, shape=SMALL_SHAPE, organ_masks=True)
@@ -122,8 +122,8 @@ POLICY = {
 
 @pytest.mark.parametrize("preset", METHOD_PRESETS)
 def test_preset_training_policy_network_and_loss(preset):
-    from scripts.losses import ZoomLoss
-    from scripts.training_policy import count_parameters
+    from scripts.training.losses import ZoomLoss
+    from scripts.training.trainable import count_parameters
 
     parser = _parser(TRAIN_JSON, CPU_TINY, _method(preset), device="$torch.device('cpu')")
     network = parser.get_parsed_content("network")
@@ -275,7 +275,7 @@ class RecordingNetwork(torch.nn.Module):
 def test_evaluation_encodes_each_lesion_crop_with_its_organ_crop(organ_dataset, tmp_path):
     """Every crop the evaluation encodes gets the organ mask cropped at the same place."""
     from scripts.evaluate import evaluate_dataset
-    from scripts.transforms import crop_at, get_preprocess_transforms, lesion_components, load_datalist, normalise_crop
+    from scripts.data.transforms import crop_at, get_preprocess_transforms, lesion_components, load_datalist, normalise_crop
 
     items = load_datalist(organ_dataset / "dataset.json", "training")[:2]
     network = _parser(TRAIN_JSON, CPU_TINY, _method("method_tags.json")).get_parsed_content("network_def")
@@ -304,7 +304,7 @@ def test_evaluation_encodes_each_lesion_crop_with_its_organ_crop(organ_dataset, 
 
 def test_cases_without_organ_mask_are_encoded_without_it(organ_dataset, tmp_path):
     from scripts.evaluate import evaluate_dataset
-    from scripts.transforms import load_datalist
+    from scripts.data.transforms import load_datalist
 
     items = [{k: v for k, v in i.items() if k != "organ"} for i in load_datalist(organ_dataset / "dataset.json")][:1]
     network = _parser(TRAIN_JSON, CPU_TINY, _method("method_tags.json")).get_parsed_content("network_def")
@@ -338,7 +338,7 @@ def test_msd_liver_organ_mask_is_liver_with_its_tumours(tmp_path):
 # Synthetic organ masks
 # ------------------------------------------------------------------------------------------------------------
 def test_synthetic_organ_masks_are_optional_and_leave_images_unchanged(tmp_path):
-    from scripts import synthetic_data as sd
+    from scripts.data import synthetic_data as sd
 
     kw = dict(num_train=1, num_val=0, num_test=1, seed=3, shape=SMALL_SHAPE)
     plain_json = sd.generate_dataset(tmp_path / "plain", **kw)
@@ -377,7 +377,7 @@ def _fake_summary(dice5: float) -> dict:
 
 
 def test_study_aggregates_seeds_and_flags_differences_beyond_noise():
-    from scripts.transfer_study import aggregate, format_tables
+    from experiments.transfer_study import aggregate, format_tables
 
     values = {"full_finetune": [0.50, 0.52, 0.54], "sgp_sam": [0.70, 0.71, 0.72], "ma_sam": [0.40, 0.60, 0.50]}
     results = [
@@ -398,8 +398,8 @@ def test_transfer_study_smoke_run(tmp_path):
     """``--budget smoke``: data, stage 1, every method through the bundle workflows, evaluation, cost and report."""
     out = tmp_path / "study"
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.transfer_study", "--budget", "smoke", "--output_dir", str(out)],
-        cwd=BUNDLE,
+        [sys.executable, "-m", "experiments.transfer_study", "--budget", "smoke", "--output_dir", str(out)],
+        cwd=REPO_ROOT,
         env=bundle_env(),
         capture_output=True,
         text=True,

@@ -7,10 +7,10 @@ import torch
 from conftest import REFERENCE_DIR
 
 from scripts.clicks import dice
-from scripts.losses import build_loss
+from scripts.training.losses import build_loss
 from scripts.modeling import build_sgp_sam
 from scripts.modeling.attention import Attention3D
-from scripts.training_policy import count_parameters, optimizer_param_groups, set_trainable
+from scripts.training.trainable import count_parameters, optimizer_param_groups, set_trainable
 
 
 def reference_entries() -> list[tuple[str, tuple[int, ...]]]:

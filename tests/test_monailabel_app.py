@@ -88,7 +88,7 @@ def server(tmp_path_factory, real_data_dir):
     studies.mkdir()
     for case in ("brain1", "brain2", "breast1"):
         shutil.copy(real_data_dir / f"{case}_image.nrrd", studies / f"{case}.nrrd")
-    from scripts.synthetic_data import generate_case
+    from scripts.data.synthetic_data import generate_case
 
     image, label, affine, _ = generate_case(np.random.default_rng(3), (96, 96, 24))
     nib.save(nib.Nifti1Image(image, affine), studies / "synth.nii.gz")

@@ -62,7 +62,7 @@ def test_msd_preset_values(preset, expected):
 
 def test_sam_med3d_networks_instantiate():
     """The MSD presets build the released SAM-Med3D size with SGPM; the baseline drops SGPM and uses Dice+CE."""
-    from scripts.losses import ZoomLoss
+    from scripts.training.losses import ZoomLoss
     from scripts.modeling import SGPSAM
 
     sgp = parse("msd_liver_tumour.json")
@@ -160,7 +160,7 @@ def test_liver_preset_split_and_tumour_label(tmp_path):
     assert sample["label_all"].sum().item() == (source == 2).sum() == 27 + 64  # both tumours fit in the 32^3 crop
 
     # deterministic preprocessing with the preset's values: CT clamped to [-1000, 1000]
-    from scripts.transforms import get_preprocess_transforms
+    from scripts.data.transforms import get_preprocess_transforms
 
     pre = get_preprocess_transforms(
         target_label=parser.get_parsed_content("target_label"),
@@ -191,7 +191,7 @@ def test_brain_preset_selects_t1gd_and_enhancing_tumour(tmp_path):
     assert sample["label"].sum().item() == 64  # enhancing tumour (3) only: not edema (1) nor non-enhancing (2)
     assert sample["label_all"].sum().item() == 64
 
-    from scripts.transforms import get_preprocess_transforms
+    from scripts.data.transforms import get_preprocess_transforms
 
     pre = get_preprocess_transforms(
         target_label=parser.get_parsed_content("target_label"),

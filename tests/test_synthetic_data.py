@@ -1,4 +1,4 @@
-"""Tests for bundle/scripts/synthetic_data.py: determinism, MSD layout, idempotency and lesion realism."""
+"""Tests for bundle/scripts/data/synthetic_data.py: determinism, MSD layout, idempotency and lesion realism."""
 
 import json
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
 from scipy import ndimage
-from scripts import synthetic_data as sd
+from scripts.data import synthetic_data as sd
 
 SMALL_SHAPE = (64, 64, 20)  # fast grid for layout/determinism tests; statistics use the default grid
 FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity, as the lesion sampler uses

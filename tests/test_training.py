@@ -113,7 +113,7 @@ def test_pretrained_checkpoint_mismatch_names_the_key(tmp_path, tiny_dataset, co
 def test_random_initialisation_scores_far_below_the_quickstart_target(tmp_path):
     """The control for README command 1's "Dice@5 >= 0.70": untrained weights on the same held-out synthetic test
     split (the default dataset) must score far lower, so the target measures learning, not the click protocol."""
-    from scripts.synthetic_data import ensure_dataset
+    from scripts.data.synthetic_data import ensure_dataset
 
     from conftest import BUNDLE_ROOT
 
@@ -140,7 +140,7 @@ def test_shipped_pretrained_checkpoint_is_a_learned_model(tmp_path):
     score far above the random-initialisation control on held-out test lesions without any fine-tuning."""
     from monai.bundle import ConfigParser
     from scripts.checkpoint import load_weights
-    from scripts.synthetic_data import ensure_dataset
+    from scripts.data.synthetic_data import ensure_dataset
 
     from conftest import BUNDLE_ROOT, REPO_ROOT
 

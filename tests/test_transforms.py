@@ -1,4 +1,4 @@
-"""Tests for bundle/scripts/transforms.py on a real anisotropic, non-RAS case and on small synthetic volumes."""
+"""Tests for bundle/scripts/data/transforms.py on a real anisotropic, non-RAS case and on small synthetic volumes."""
 
 import json
 from pathlib import Path
@@ -11,8 +11,8 @@ from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from monai.transforms import LoadImage, Randomizable
 from scipy import ndimage
-from scripts import synthetic_data
-from scripts.transforms import (
+from scripts.data import synthetic_data
+from scripts.data.transforms import (
     LesionCropd,
     RandLesionCropd,
     SelectChanneld,

@@ -9,8 +9,10 @@ back to full unpickling: a file with any other pickled object is refused.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import pickle
+import re
 from collections import OrderedDict
 from typing import Any, Mapping
 
@@ -114,3 +116,18 @@ def save_sgp_sam_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: 
     tmp = f"{os.fspath(path)}.tmp"
     torch.save({"model_state_dict": module.state_dict(), **extra}, tmp)
     os.replace(tmp, path)
+
+
+def latest_checkpoint(checkpoint_dir: str, required: bool = False, pattern: str = "checkpoint_epoch=*.pt") -> str | None:
+    """Newest (highest epoch) resumable checkpoint in ``checkpoint_dir``; a clear error if ``required`` and none."""
+    found = glob.glob(os.path.join(checkpoint_dir, pattern))
+    if not found:
+        if required:
+            raise FileNotFoundError(f"--resume: no '{pattern}' checkpoint in {checkpoint_dir} to resume from")
+        return None
+
+    def epoch_of(path: str) -> int:
+        match = re.search(r"=(\d+)", os.path.basename(path))
+        return int(match.group(1)) if match else -1
+
+    return max(found, key=epoch_of)

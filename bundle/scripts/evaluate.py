@@ -5,7 +5,7 @@ Protocol (deterministic; /work/shared/reference/sam_med3d.md, "Click protocol"):
     * every lesion = connected component (26-connectivity) of the target label in the RESAMPLED label is a separate
       target: an ``S``³ crop (``S = network.img_size``) centred on its bounding box, z-normalised like training;
       the target is that component only (other lesions in the crop count as background);
-    * :func:`scripts.click_rounds.evaluation_clicks` simulates up to ``max_clicks`` clicks (first click: deepest
+    * :func:`scripts.training.click_rounds.evaluation_clicks` simulates up to ``max_clicks`` clicks (first click: deepest
       point of the lesion; then the deepest point of the larger error region), each round feeding the new click and
       the previous low-res logits;
     * Dice@k (k = 1, 3, 5, 10) and NoC@85/90 (capped at ``max_clicks``) per lesion; a curve that stopped early (no
@@ -40,9 +40,9 @@ import torch
 from monai.utils import convert_to_tensor
 
 from .checkpoint import CheckpointError, load_weights
-from .click_rounds import evaluation_clicks
+from .training.click_rounds import evaluation_clicks
 from .clicks import SIZE_BINS, dice, lesion_size_bin, number_of_clicks, summarise
-from .transforms import crop_at, get_preprocess_transforms, lesion_crops, load_datalist, paste_crop
+from .data.transforms import crop_at, get_preprocess_transforms, lesion_crops, load_datalist, paste_crop
 
 __all__ = ["evaluate_dataset", "format_markdown_table", "run_evaluation"]
 
@@ -103,7 +103,7 @@ def evaluate_dataset(
         device: defaults to the network's device.
         whole_volume_clicks: click count whose masks are merged for the whole-volume Dice.
         anatomy_key, anatomy_labels, anatomy_from_label: the TAGS anatomy prompt (None = off): the organ mask is
-            preprocessed with the image (``scripts.transforms.get_preprocess_transforms``), cropped at each lesion's
+            preprocessed with the image (``scripts.data.transforms.get_preprocess_transforms``), cropped at each lesion's
             crop and passed as ``network.encode(crop, anatomy=mask)``. A case without a mask is encoded without
             one (an all-zero anatomy channel), with a warning.
 

@@ -129,7 +129,7 @@ def build_sgp_sam(
         anatomy_prompt: TAGS anatomy branch (organ mask via ``encode(images, anatomy=mask)``).
         semantic_prompt: TAGS text-aligned adapters and alignment maps.
         text_source: "packaged" (shipped MiniLM vectors), "minilm" or an .npz path; for CLIP, write an .npz with
-            ``python -m scripts.text_prompts --source clip --clip-weights-path ...`` and pass its path.
+            ``python -m scripts.baselines.text_prompts --source clip --clip-weights-path ...`` and pass its path.
         text_organ: organ word of the prompt ensembles (packaged: liver, brain, kidney, pancreas, organ).
         tags_levels: blocks after which alignment runs (default: quarters of the depth, e.g. 2, 5, 8, 11).
         tags_align_dim: width of the joint token/text space.
@@ -191,12 +191,12 @@ def build_sgp_sam(
     if adapter is not None:
         if adapter != "ma_sam":
             raise ValueError(f"unknown adapter {adapter!r}; choose None or 'ma_sam'")
-        from .ma_sam import add_ma_sam
+        from ..baselines.ma_sam import add_ma_sam
 
         add_ma_sam(model, adapter_dim=adapter_dim, adapter_kernel=adapter_kernel, fact_rank=fact_rank)
     if tags:
-        from ..text_prompts import get_text_vectors
-        from .tags import add_tags
+        from ..baselines.text_prompts import get_text_vectors
+        from ..baselines.tags import add_tags
 
         add_tags(
             model,

@@ -27,7 +27,7 @@ class SGPSAM(nn.Module):
     ``full_res_logits`` turns a round's low-res logits into crop-resolution logits: trilinear upsampling, then the
     optional high-resolution ``refiner`` (which needs ``refine_features`` of the crop, computed once like ``encode``).
     With ``multi_click`` the click loops feed ``decode`` every click so far instead of the new one. With
-    ``click_consistent`` they (``scripts.click_rounds``, ``scripts.interactive``) make each round's
+    ``click_consistent`` they (``scripts.training.click_rounds``, ``scripts.interactive``) make each round's
     mask agree with the clicks before it is shown, scored or fed back.
     """
 

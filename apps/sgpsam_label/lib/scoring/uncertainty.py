@@ -30,8 +30,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from scipy import ndimage
-from scripts.click_rounds import initial_mask_prompt
-from scripts.transforms import crop_at, normalise_crop, preprocess_image_for_inference, resampled_to_file_voxel
+from scripts.training.click_rounds import initial_mask_prompt
+from scripts.data.transforms import crop_at, normalise_crop, preprocess_image_for_inference, resampled_to_file_voxel
 
 logger = logging.getLogger(__name__)
 

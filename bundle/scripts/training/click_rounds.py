@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .clicks import click_consistent_logits, dice, next_eval_click, sample_training_click, training_round_schedule
+from ..clicks import click_consistent_logits, dice, next_eval_click, sample_training_click, training_round_schedule
 
 
 def initial_mask_prompt(network, batch: int, device) -> torch.Tensor:

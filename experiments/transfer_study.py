@@ -22,10 +22,10 @@ job. Finished jobs whose settings match are reused when the command is run again
 Outputs in ``--output_dir``: ``results.md`` (tables), ``results.json`` (all numbers, per seed), ``dice_vs_clicks.png``,
 and ``runs/<method>/seed<k>/`` (checkpoints, logs, per-lesion CSVs).
 
-CLI (repository root, after ``source tools/env.sh``; or ``docs/run_transfer_study.sh``)::
+CLI (repository root, after ``source tools/env.sh``; or ``experiments/run_transfer_study.sh``)::
 
-    python -m scripts.transfer_study                                           # full: 7 methods x 3 seeds
-    python -m scripts.transfer_study --budget smoke --output_dir /tmp/study    # plumbing check, under 2 minutes
+    python -m experiments.transfer_study                                           # full: 7 methods x 3 seeds
+    python -m experiments.transfer_study --budget smoke --output_dir /tmp/study    # plumbing check, under 2 minutes
 
 The default ``--output_dir`` is ``bundle/runs/transfer_study`` (git-ignored).
 """
@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import BUNDLE_ROOT
+from scripts import BUNDLE_ROOT
 
 REPO_ROOT = Path(BUNDLE_ROOT).parent
 TRAIN_JSON = Path(BUNDLE_ROOT) / "configs" / "train.json"
@@ -139,7 +139,7 @@ def real_cases(data_dir: str | os.PathLike | None = None) -> list[dict[str, str]
 
 def prepare_datasets(data_root: Path, budget: Budget) -> tuple[Path, Path]:
     """Stage-2 lesion dataset (with organ masks, for TAGS) and the stage-1 dataset whose label is the organ mask."""
-    from .synthetic_data import generate_dataset
+    from scripts.data.synthetic_data import generate_dataset
 
     lesions = data_root / "lesions"
     shape = tuple(budget.shape)
@@ -296,8 +296,8 @@ def measure_cost(method: str, checkpoint: str, network_overrides: dict, clicks: 
     import torch
     from monai.bundle import ConfigParser
 
-    from .checkpoint import load_weights
-    from .training_policy import count_parameters
+    from scripts.checkpoint import load_weights
+    from scripts.training.trainable import count_parameters
 
     parser = ConfigParser()
     parser.read_config(method_configs(method))
@@ -549,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from .modeling import PRESETS
+    from scripts.modeling import PRESETS
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     jobs = args.jobs or (1 if torch.cuda.is_available() else max(1, min(cores, 4)))

@@ -20,7 +20,7 @@ from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
 from .click_rounds import evaluation_clicks, training_rounds
-from .modeling.tags import tags_alignment_loss
+from ..baselines.tags import tags_alignment_loss
 
 
 def anatomy_inputs(batchdata: dict, anatomy_key: str | None, device: torch.device | str) -> dict[str, torch.Tensor]:

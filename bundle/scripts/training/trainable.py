@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
+import torch
 from torch import nn
+
+from ..checkpoint import load_weights
+
+logger = logging.getLogger("sgpsam")
 
 GROUPS = ("image_encoder", "prompt_encoder", "click_map", "mask_decoder", "refiner", "sgpm", "extensions")
 
@@ -88,3 +94,29 @@ def optimizer_param_groups(
 
 def trainable_names(model: nn.Module) -> Iterable[str]:
     return (n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def prepare_network(
+    network: torch.nn.Module,
+    pretrained_ckpt: str | None = None,
+    train_image_encoder: bool = False,
+    train_prompt_encoder: bool = True,
+    train_mask_decoder: bool = True,
+    train_sgpm: bool = True,
+    train_extensions: bool = True,
+    device: str | torch.device = "cpu",
+) -> torch.nn.Module:
+    """Load a SAM-Med3D / SGP-SAM checkpoint (strictly into the backbone), set the trainable groups, move to device."""
+    if pretrained_ckpt:
+        report = load_weights(network, pretrained_ckpt)
+        logger.info(
+            "loaded %d tensors from %s; %d extension tensors keep their identity initialisation",
+            len(report["loaded"]),
+            pretrained_ckpt,
+            len(report["initialised"]),
+        )
+    counts = set_trainable(
+        network, train_image_encoder, train_prompt_encoder, train_mask_decoder, train_sgpm, train_extensions
+    )
+    logger.info("trainable parameters:\n%s", format_parameter_counts(counts))
+    return network.to(device)

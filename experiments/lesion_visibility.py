@@ -11,9 +11,9 @@ resampled image.
 
 Hand-written because no library offers a truth-tuned threshold search; it uses SciPy's labelling and filters.
 
-CLI (from ``bundle/``)::
+CLI (from the repository root, after ``source tools/env.sh``)::
 
-    python -m scripts.lesion_visibility --dataset_json data/synthetic_lesions/dataset.json --split test
+    python -m experiments.lesion_visibility --dataset_json bundle/data/synthetic_lesions/dataset.json --split test
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .clicks import SIZE_BINS, dice, lesion_size_bin
-from .transforms import get_preprocess_transforms, lesion_crops, load_datalist
+from scripts.clicks import SIZE_BINS, dice, lesion_size_bin
+from scripts.data.transforms import get_preprocess_transforms, lesion_crops, load_datalist
 
 __all__ = ["threshold_ceiling", "dataset_threshold_ceiling"]
 

@@ -1,8 +1,0 @@
-#!/usr/bin/env bash
-# The whole transfer study in one command (docs/transfer_study.md). Extra arguments go to scripts.transfer_study,
-# e.g. `docs/run_transfer_study.sh --budget smoke --output_dir /tmp/study` for the two-minute plumbing check.
-set -euo pipefail
-repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$repo_root/tools/env.sh"
-cd "$repo_root"
-exec python -m scripts.transfer_study "$@"
