@@ -9,7 +9,7 @@ from conftest import REFERENCE_DIR
 from scripts.clicks import dice
 from scripts.training.losses import build_loss
 from scripts.modeling import build_sgp_sam
-from scripts.modeling.attention import Attention3D
+from scripts.modeling.attention import Attention3D, add_upstream_bias, upstream_bias_terms
 from scripts.training.trainable import count_parameters, optimizer_param_groups, set_trainable
 
 
@@ -65,6 +65,110 @@ def test_fast_padded_window_attention_equals_naive_full_size():
         naive = attn(x)
     assert fast.shape == (1, 8, 8, 8, 768)
     assert (fast - naive).abs().max().item() <= 1e-4
+
+
+def _axis_table(rel_pos: torch.Tensor, side: int) -> torch.Tensor:
+    """R[a, m] = rel_pos[a - m + side - 1], written out index by index."""
+    return torch.stack([torch.stack([rel_pos[a - m + side - 1] for m in range(side)]) for a in range(side)])
+
+
+def _literal_upstream_bias(q_cube: torch.Tensor, tables, real: int) -> torch.Tensor:
+    """Loop-level bias for real queries (i, j, l) < real and every key (p, r, s) of the cube (one head).
+
+    bias = q(i,j,l).R_d[i,s] + q(i,j,p).R_h[j,s] + q(i,j,r).R_w[r,s]   (upstream SAM-Med3D's layout)
+    """
+    side = q_cube.shape[0]
+    r_d, r_h, r_w = (_axis_table(t, side) for t in tables)
+    q = q_cube.double().tolist()
+    rd, rh, rw = (r.double().tolist() for r in (r_d, r_h, r_w))
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    bias = torch.zeros(real, real, real, side, side, side, dtype=torch.float64)
+    for i in range(real):
+        for j in range(real):
+            for l in range(real):  # noqa: E741
+                for p in range(side):
+                    for r in range(side):
+                        for s in range(side):
+                            bias[i, j, l, p, r, s] = (
+                                dot(q[i][j][l], rd[i][s]) + dot(q[i][j][p], rh[j][s]) + dot(q[i][j][r], rw[r][s])
+                            )
+    return bias
+
+
+def _textbook_bias(q_cube: torch.Tensor, tables, real: int) -> torch.Tensor:
+    """The textbook decomposed bias q(i,j,l).(R_d[i,p] + R_h[j,r] + R_w[l,s]), for the regression guard."""
+    side = q_cube.shape[0]
+    r_d, r_h, r_w = (_axis_table(t, side).double() for t in tables)
+    q = q_cube[:real, :real, :real].double()
+    return (
+        torch.einsum("ijlc,ipc->ijlp", q, r_d[:real])[..., :, None, None]
+        + torch.einsum("ijlc,jrc->ijlr", q, r_h[:real])[..., None, :, None]
+        + torch.einsum("ijlc,lsc->ijls", q, r_w[:real])[..., None, None, :]
+    )
+
+
+def _padded_queries(real: int, side: int, head_dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    q_real = torch.randn(real, real, real, head_dim, generator=gen)
+    q_pad = torch.randn(head_dim, generator=gen)
+    q_cube = q_pad.expand(side, side, side, head_dim).clone()
+    q_cube[:real, :real, :real] = q_real
+    tables = tuple(torch.randn(2 * side - 1, head_dim, generator=gen) for _ in range(3))
+    return q_cube, tables
+
+
+def test_production_bias_equals_loop_level_upstream_formula():
+    """Grid 5 padded to a window of 7: the production bias over the padded cube, at the real queries."""
+    real, side, head_dim = 5, 7, 4
+    q_cube, tables = _padded_queries(real, side, head_dim, seed=11)
+    cube = (side, side, side)
+    terms = upstream_bias_terms(q_cube[None], q_cube[None], side, tables)
+    production = add_upstream_bias(torch.zeros(1, side**3, side**3), terms, cube, cube)
+    production = production.view(side, side, side, side, side, side)[:real, :real, :real].double()
+    literal = _literal_upstream_bias(q_cube, tables, real)
+    assert (production - literal).abs().max().item() <= 1e-4
+    # The guard: the textbook layout is a different function, so the assertion above fails for it.
+    textbook = _textbook_bias(q_cube, tables, real)
+    assert (textbook - literal).abs().max().item() > 0.5
+
+
+def test_fast_padded_window_equals_literal_small_grid():
+    """Fast path against the literal padded computation at grid 5, window 7 (keys read padded queries too)."""
+    torch.manual_seed(12)
+    attn = Attention3D(dim=16, num_heads=2, rel_pos_size=7, window_size=7)
+    _randomise(attn, std=1.0)
+    x = torch.randn(2, 5, 5, 5, 16)
+    with torch.no_grad():
+        attn.impl = "fast"
+        fast = attn(x)
+        attn.impl = "naive"
+        naive = attn(x)
+    assert (fast - naive).abs().max().item() <= 1e-5
+
+
+def test_global_block_uses_upstream_bias_not_textbook():
+    """A global block's output equals softmax(qk + literal upstream bias) v, and differs from the textbook one."""
+    torch.manual_seed(13)
+    side, dim, heads = 4, 8, 1
+    attn = Attention3D(dim=dim, num_heads=heads, rel_pos_size=side, window_size=0)
+    _randomise(attn, std=1.0)
+    x = torch.randn(1, side, side, side, dim)
+    with torch.no_grad():
+        out = attn(x)
+        q, k, v = attn._split_heads(attn.qkv(x).reshape(1, side**3, -1))
+        tables = (attn.rel_pos_d, attn.rel_pos_h, attn.rel_pos_w)
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+
+        def attend(bias: torch.Tensor) -> torch.Tensor:
+            probs = (logits.double() + bias.reshape(1, side**3, side**3)).softmax(-1)
+            mixed = (probs @ v.double()).float().view(1, 1, side, side, side, -1)
+            return attn.proj(mixed.permute(0, 2, 3, 4, 1, 5).reshape(1, side, side, side, -1))
+
+        q_cube = q.reshape(side, side, side, -1)
+        upstream = attend(_literal_upstream_bias(q_cube, tables, side))
+        textbook = attend(_textbook_bias(q_cube, tables, side))
+    assert (out - upstream).abs().max().item() <= 1e-4
+    assert (out - textbook).abs().max().item() > 1e-2
 
 
 def test_padding_keys_change_the_output():

@@ -1,19 +1,19 @@
-"""3D multi-head self-attention with decomposed relative position bias, as in SAM-Med3D's ViT.
+"""3D multi-head self-attention with SAM-Med3D's decomposed relative position bias.
 
-SAM-Med3D's "windowed" blocks use window_size 14 on an 8^3 token grid: the normed tokens are zero-padded to
-14^3 and one unmasked attention runs over all 2,744 positions, the 2,232 padded ones acting as keys/values.
-The released weights were trained that way, so we must reproduce it. ``padded_window_attention_fast`` computes
-the identical result attending to the real keys plus ONE aggregated "padding key":
+Two upstream behaviours are reproduced exactly, because the released weights were trained with them:
 
-* every padded token is the zero vector, so its key and value are the projection of zero (the qkv bias) —
-  the same for all padded positions;
-* padded keys differ only by their relative-position bias, which is a sum of per-axis terms
-  ``Rd[a] + Rh[b] + Rw[c]``; the sum of ``exp`` over the padded set (full 14^3 box minus the 8^3 real box)
-  therefore factorises per axis, and can be written as a sum of three positive products (no cancellation):
-  ``F_d F_h R_w + F_d R_h E_w + R_d E_h E_w`` with E = sum over real positions, R = over padded, F = E + R.
+* **Padded window.** "Windowed" blocks use window_size 14 on an 8^3 token grid: the normed tokens are zero-padded
+  (at the end of each axis) to 14^3 and one unmasked attention runs over all 2,744 positions; padded positions act
+  as keys/values (their q, k, v are the qkv bias) and the output is cropped back to 8^3.
+* **Mis-broadcast bias.** Upstream's per-axis terms land on other key axes. For queries on a cube of side n and
+  per-axis tables ``R_x[a, m] = rel_pos_x[a - m + n - 1]``, the bias added for query (i, j, l) and key (p, r, s) is
+  ``q(i,j,l).R_d[i,s] + q(i,j,p).R_h[j,s] + q(i,j,r).R_w[r,s]`` (q unscaled); the second and third terms read the
+  query at another position, which in a padded window may be a padding position (q = the q bias).
 
-The padded set thus collapses to one extra key with logit ``q.k_pad * scale + log(P)`` and value ``v_pad``.
-``padded_window_attention_naive`` is the literal definition, kept only for tests and benchmarks.
+``padded_window_attention_naive`` is the literal definition (attention over the padded cube). The production path
+``padded_window_attention_fast`` attends to the real keys plus ONE aggregated padding key: all padded keys share
+k_pad and v_pad and differ only by their bias, whose exp-sum over the padded set factors per key axis for a fixed
+s (derivation in docs/method.md, "Exact padded-window attention").
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 Grid = tuple[int, int, int]
+Tables = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def relative_position_table(size_q: int, size_k: int, rel_pos: torch.Tensor) -> torch.Tensor:
@@ -48,95 +49,119 @@ def relative_position_table(size_q: int, size_k: int, rel_pos: torch.Tensor) -> 
     return rel_pos[index.long()]
 
 
-def decomposed_rel_pos_terms(
-    q: torch.Tensor, grid_q: Grid, key_sizes: Grid, tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+def upstream_bias_terms(
+    q_grid: torch.Tensor, q_rows: torch.Tensor, side: int, tables: Tables
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-axis relative-position logits.
+    """The three per-axis terms of upstream's bias on a cube of side ``side``.
 
     Args:
-        q: (BH, Nq, head_dim) unscaled queries, Nq = prod(grid_q).
-        grid_q: query grid (D, H, W).
-        key_sizes: key extent along each axis (the keys span [0, size) along each axis).
+        q_grid: (BH, X, Y, Z, hd) unscaled queries at the real query positions.
+        q_rows: (BH, X, Y, side, hd) queries along the last axis read by the second and third terms: positions
+            (i, j, p) for p < side; equal to ``q_grid`` when Z == side (no padding).
+        side: cube side n of the attention (8 for a global block, the padded 14 for a windowed one).
         tables: rel_pos_d, rel_pos_h, rel_pos_w.
 
     Returns:
-        rel_d (BH, D, H, W, Kd), rel_h (BH, D, H, W, Kh), rel_w (BH, D, H, W, Kw).
+        term_d (BH, X, Y, Z, n)    [i, j, l, s] = q(i,j,l).R_d[i,s]
+        term_h (BH, X, Y, n, n)    [i, j, p, s] = q(i,j,p).R_h[j,s]
+        term_w (BH, X, Y, n, n)    [i, j, r, s] = q(i,j,r).R_w[r,s]
     """
-    d, h, w = grid_q
-    r_q = q.reshape(q.shape[0], d, h, w, q.shape[-1])
-    terms = []
-    for axis, (size_q, size_k, table) in enumerate(zip(grid_q, key_sizes, tables)):
-        # Queries sit at the same indices in the padded window as in the grid, so index by size_q rows of a
-        # (size_k, size_k) relation: rows 0..size_q-1.
-        rel = relative_position_table(size_k, size_k, table)[:size_q]
-        equation = ["bdhwc,dkc->bdhwk", "bdhwc,hkc->bdhwk", "bdhwc,wkc->bdhwk"][axis]
-        terms.append(torch.einsum(equation, r_q, rel))
-    return terms[0], terms[1], terms[2]
+    r_d, r_h, r_w = (relative_position_table(side, side, table) for table in tables)
+    x, y = q_grid.shape[1], q_grid.shape[2]
+    term_d = torch.einsum("bxyzc,xsc->bxyzs", q_grid, r_d[:x])
+    term_h = torch.einsum("bxypc,ysc->bxyps", q_rows, r_h[:y])
+    term_w = torch.einsum("bxyrc,rsc->bxyrs", q_rows, r_w)
+    return term_d, term_h, term_w
 
 
-def add_rel_pos_bias(
-    attn: torch.Tensor, rel_d: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, grid_q: Grid, grid_k: Grid
-) -> torch.Tensor:
-    """attn (BH, Nq, Nk) + broadcast sum of the per-axis terms over the key grid."""
+def add_upstream_bias(attn: torch.Tensor, terms, grid_q: Grid, grid_k: Grid) -> torch.Tensor:
+    """attn (BH, Nq, Nk) + upstream's bias restricted to keys in ``grid_k`` (a corner box of the cube)."""
+    term_d, term_h, term_w = terms
+    kd, kh, kw = grid_k
     bh = attn.shape[0]
     attn = attn.view(bh, *grid_q, *grid_k)
-    attn = attn + rel_d[..., :, None, None] + rel_h[..., None, :, None] + rel_w[..., None, None, :]
-    return attn.view(bh, grid_q[0] * grid_q[1] * grid_q[2], grid_k[0] * grid_k[1] * grid_k[2])
+    attn = (
+        attn
+        + term_d[:, :, :, :, None, None, :kw]
+        + term_h[:, :, :, None, :kd, None, :kw]
+        + term_w[:, :, :, None, None, :kh, :kw]
+    )
+    return attn.view(bh, grid_q[0] * grid_q[1] * grid_q[2], kd * kh * kw)
 
 
-def global_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid, tables, scale: float
-) -> torch.Tensor:
-    """Full attention over a grid with decomposed relative position bias. q, k, v: (BH, N, hd) -> (BH, N, hd)."""
+def _check_cube(grid: Grid) -> int:
+    if not grid[0] == grid[1] == grid[2]:
+        raise ValueError(f"SAM-Med3D's relative-position bias is defined on a cubic token grid, got {grid}")
+    return grid[0]
+
+
+def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid, tables: Tables, scale: float):
+    """Full attention over a cubic grid with upstream's bias. q, k, v: (BH, N, hd) -> (BH, N, hd)."""
+    side = _check_cube(grid)
+    q_grid = q.reshape(q.shape[0], *grid, q.shape[-1])
     attn = (q * scale) @ k.transpose(-2, -1)
-    rel_d, rel_h, rel_w = decomposed_rel_pos_terms(q, grid, grid, tables)
-    attn = add_rel_pos_bias(attn, rel_d, rel_h, rel_w, grid, grid)
+    attn = add_upstream_bias(attn, upstream_bias_terms(q_grid, q_grid, side, tables), grid, grid)
     return attn.softmax(dim=-1) @ v
+
+
+def _split_lse(term: torch.Tensor, real: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log-sum-exp of ``term`` over its second-last axis: real part [:real], padded part [real:], and all."""
+    inside = torch.logsumexp(term[..., :real, :], dim=-2)
+    if real == term.shape[-2]:
+        outside = torch.full_like(inside, float("-inf"))
+    else:
+        outside = torch.logsumexp(term[..., real:, :], dim=-2)
+    return inside, outside, torch.logaddexp(inside, outside)
+
+
+def padding_log_mass(terms, real: int) -> torch.Tensor:
+    """log of sum over the padded keys (cube n^3 minus the real box real^3) of exp(bias), per real query.
+
+    For a fixed key coordinate s the bias is term_d[s] + term_h[p, s] + term_w[r, s], so the sum over the padded
+    (p, r) is F_h F_w - [s < real] E_h E_w with E = sum over the real rows, F = over all rows; written as positive
+    products R_h F_w + E_h R_w (R = F - E) for s < real, and F_h F_w for s >= real.
+
+    Returns:
+        (BH, X, Y, Z) log mass.
+    """
+    term_d, term_h, term_w = terms
+    in_h, out_h, all_h = _split_lse(term_h, real)  # (BH, X, Y, n) over p
+    in_w, out_w, all_w = _split_lse(term_w, real)  # over r
+    inner_real_s = torch.logaddexp(out_h + all_w, in_h + out_w)[..., :real]
+    inner_pad_s = (all_h + all_w)[..., real:]
+    inner = torch.cat([inner_real_s, inner_pad_s], dim=-1)  # (BH, X, Y, n) over s
+    return torch.logsumexp(term_d + inner[:, :, :, None, :], dim=-1)
 
 
 def padded_window_attention_fast(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    k_pad: torch.Tensor,
-    v_pad: torch.Tensor,
+    qkv_pad: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     grid: Grid,
     window: int,
-    tables,
+    tables: Tables,
     scale: float,
 ) -> torch.Tensor:
     """Exact result of attention over the grid zero-padded (at the end of each axis) to ``window^3``.
 
     Args:
         q, k, v: (BH, N, hd) for the real tokens, N = prod(grid).
-        k_pad, v_pad: (BH, 1, hd) key/value of a zero (padding) token.
-        grid: real grid (D, H, W), each <= window.
+        qkv_pad: q, k, v (BH, 1, hd) of a zero (padding) token.
+        grid: real cubic grid (g, g, g), g <= window.
         window: padded window side.
 
     Returns:
         (BH, N, hd) outputs at the real query positions.
     """
-    sizes = (window, window, window)
-    rel_d, rel_h, rel_w = decomposed_rel_pos_terms(q, grid, sizes, tables)  # each (BH, D, H, W, window)
-    attn = (q * scale) @ k.transpose(-2, -1)
-    attn = add_rel_pos_bias(attn, rel_d[..., : grid[0]], rel_h[..., : grid[1]], rel_w[..., : grid[2]], grid, grid)
-
-    def split_lse(rel: torch.Tensor, real: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        inside = torch.logsumexp(rel[..., :real], dim=-1)
-        if real == rel.shape[-1]:
-            outside = torch.full_like(inside, float("-inf"))
-        else:
-            outside = torch.logsumexp(rel[..., real:], dim=-1)
-        return inside, outside, torch.logaddexp(inside, outside)
-
-    in_d, out_d, all_d = split_lse(rel_d, grid[0])
-    in_h, out_h, all_h = split_lse(rel_h, grid[1])
-    in_w, out_w, all_w = split_lse(rel_w, grid[2])
-    # log of sum over (full box) minus (real box), as three positive products.
-    log_pad_mass = torch.logsumexp(
-        torch.stack([all_d + all_h + out_w, all_d + out_h + in_w, out_d + in_h + in_w], dim=-1), dim=-1
-    ).reshape(q.shape[0], -1, 1)
-    pad_logit = (q * scale) @ k_pad.transpose(-2, -1) + log_pad_mass  # (BH, N, 1)
+    g = _check_cube(grid)
+    q_pad, k_pad, v_pad = qkv_pad
+    bh, _, hd = q.shape
+    q_grid = q.reshape(bh, g, g, g, hd)
+    padding_rows = q_pad.reshape(bh, 1, 1, 1, hd).expand(bh, g, g, window - g, hd)
+    terms = upstream_bias_terms(q_grid, torch.cat([q_grid, padding_rows], dim=3), window, tables)
+    attn = add_upstream_bias((q * scale) @ k.transpose(-2, -1), terms, grid, grid)
+    pad_logit = (q * scale) @ k_pad.transpose(-2, -1) + padding_log_mass(terms, g).reshape(bh, -1, 1)
     probs = torch.cat([attn, pad_logit], dim=-1).softmax(dim=-1)
     return probs[..., :-1] @ v + probs[..., -1:] * v_pad
 
@@ -216,8 +241,7 @@ class Attention3D(nn.Module):
             out = padded_window_attention_naive(qkv, grid, ws, tables, self.scale)
         else:
             q, k, v = self._split_heads(self._qkv(x).reshape(b, d * h * w, -1))
-            zero_token = x.new_zeros(b, 1, c)
-            _, k_pad, v_pad = self._split_heads(self._qkv(zero_token))
-            out = padded_window_attention_fast(q, k, v, k_pad, v_pad, grid, self.window_size, tables, self.scale)
+            qkv_pad = self._split_heads(self._qkv(x.new_zeros(b, 1, c)))
+            out = padded_window_attention_fast(q, k, v, qkv_pad, grid, self.window_size, tables, self.scale)
         out = out.view(b, self.num_heads, d, h, w, -1).permute(0, 2, 3, 4, 1, 5).reshape(b, d, h, w, -1)
         return self.proj(out)
