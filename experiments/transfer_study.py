@@ -9,8 +9,8 @@ Mirrors the paper's setting offline (design and reading of the results: ``docs/t
   (3-40 mm, most of them small) under the same budget: the same iterations, batch, click rounds and learning rate,
   once per seed. The weights after the last iteration are evaluated (no checkpoint selection).
 * **Evaluation.** The bundle's interactive protocol (``evaluate.json``: Dice after 1/3/5/10 clicks, NoC@85/90, by
-  lesion size) on the synthetic test split and on the real NRRD cases (``$SGPSAM_SHARED_DATA``, default
-  ``../shared/data/real``). The stage-1 checkpoint without transfer is evaluated as a reference.
+  lesion size) on the synthetic test split and on the real NRRD cases (``--real_data_dir``, default the three
+  pyradiomics MR cases in ``tests/data``). The stage-1 checkpoint without transfer is evaluated as a reference.
 * **Cost.** Trainable / total parameters per method (the training policy of its preset) and the per-click decoder
   latency with the encode-once / decode-per-click API (plus one encoder pass), measured one method at a time.
 
@@ -126,9 +126,8 @@ BUDGETS = {
 # Data
 # ---------------------------------------------------------------------------------------------------------------
 def real_cases(data_dir: str | os.PathLike | None = None) -> list[dict[str, str]]:
-    """``*_image.nrrd`` / ``*_label.nrrd`` pairs in ``data_dir`` (default ``$SGPSAM_SHARED_DATA`` or
-    ``../shared/data/real``)."""
-    root = Path(data_dir or os.environ.get("SGPSAM_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data" / "real")
+    """``*_image.nrrd`` / ``*_label.nrrd`` pairs in ``data_dir`` (default ``tests/data``: brain1, brain2, breast1)."""
+    root = Path(data_dir or REPO_ROOT / "tests" / "data")
     items = []
     for image in sorted(root.glob("*_image.nrrd")):
         label = image.with_name(image.name.replace("_image.nrrd", "_label.nrrd"))
@@ -533,7 +532,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pretrain_iterations", type=int, help="stage-1 iterations")
     parser.add_argument("--jobs", type=int, help="parallel jobs (default: 1 on a GPU, else one per core, max 4)")
     parser.add_argument("--network_preset", default="tiny", help="tiny (64^3, CPU) or small (128^3, GPU)")
-    parser.add_argument("--real_data_dir", help="real NRRD cases (default $SGPSAM_SHARED_DATA or ../shared/data/real)")
+    parser.add_argument("--real_data_dir", help="real NRRD cases (default tests/data)")
     parser.add_argument("--fresh", action="store_true", help="redo jobs even if an identical finished one exists")
     return parser.parse_args(argv)
 
