@@ -25,7 +25,7 @@ and ``runs/<method>/seed<k>/`` (checkpoints, logs, per-lesion CSVs).
 CLI (repository root, after ``source tools/env.sh``; or ``experiments/run_transfer_study.sh``)::
 
     python -m experiments.transfer_study                                           # full: 7 methods x 3 seeds
-    python -m experiments.transfer_study --budget smoke --output_dir /tmp/study    # plumbing check, under 2 minutes
+    python -m experiments.transfer_study --budget smoke --output_dir bundle/runs/study_smoke    # plumbing check, under 2 minutes
 
 The default ``--output_dir`` is ``bundle/runs/transfer_study`` (git-ignored).
 """

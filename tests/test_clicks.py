@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from scripts.clicks import (
-    InteractiveMetrics,
     click_consistent_logits,
     dice,
     lesion_size_bin,
@@ -206,7 +205,6 @@ def test_dice():
     a[0, 0, 0:2] = True
     assert dice(a, b) == pytest.approx(2 * 1 / (2 + 1))
     assert dice(torch.as_tensor(a), torch.as_tensor(a)) == 1.0
-    assert InteractiveMetrics.dice(a, b) == dice(a, b)
 
 
 def test_number_of_clicks():
@@ -380,9 +378,9 @@ def test_evaluation_rounds_of_a_click_consistent_network_agree_with_every_click(
     """A random network ignores its clicks; with ``click_consistent`` (the default) every mask the evaluation scores
     still holds each foreground click, no background click, and only the clicked component; without it the raw
     output is scored."""
-    from scripts.training.click_rounds import evaluation_clicks
-    from scripts.modeling import build_sgp_sam
     from scipy import ndimage
+    from scripts.modeling import build_sgp_sam
+    from scripts.training.click_rounds import evaluation_clicks
 
     torch.manual_seed(0)
     net = build_sgp_sam("tiny", img_size=32, click_map=True, refiner=True).eval()

@@ -10,7 +10,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import LoadImage
 from scripts.interactive import ClickError, InteractiveSegmenter
-from scripts.interactive.engine import _ByteLRU
+from scripts.interactive.cache import ByteLRU as _ByteLRU
 from scripts.modeling import build_sgp_sam
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -118,7 +118,9 @@ def save_sgp_sam_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: 
     os.replace(tmp, path)
 
 
-def latest_checkpoint(checkpoint_dir: str, required: bool = False, pattern: str = "checkpoint_epoch=*.pt") -> str | None:
+def latest_checkpoint(
+    checkpoint_dir: str, required: bool = False, pattern: str = "checkpoint_epoch=*.pt"
+) -> str | None:
     """Newest (highest epoch) resumable checkpoint in ``checkpoint_dir``; a clear error if ``required`` and none."""
     found = glob.glob(os.path.join(checkpoint_dir, pattern))
     if not found:

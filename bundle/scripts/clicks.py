@@ -6,8 +6,7 @@ axis order, ``(B, N, 3)`` float; labels ``(B, N)``: 1 foreground, 0 background, 
 * Training (SAM-Med3D protocol): :func:`sample_training_click`, :func:`training_round_schedule`.
 * Evaluation (deterministic, RITM-style): :func:`next_eval_click`.
 * Click consistency (training, evaluation and the app alike): :func:`click_consistent_logits`.
-* Metrics: :func:`dice`, :func:`number_of_clicks`, :func:`lesion_size_bin`, :func:`summarise`
-  (also grouped as :class:`InteractiveMetrics`).
+* Metrics: :func:`dice`, :func:`number_of_clicks`, :func:`lesion_size_bin`, :func:`summarise`.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ __all__ = [
     "number_of_clicks",
     "lesion_size_bin",
     "summarise",
-    "InteractiveMetrics",
     "SIZE_BINS",
 ]
 
@@ -351,12 +349,3 @@ def summarise(
             row[f"noc@{round(thr * 100)}"] = _stats([float(number_of_clicks(c, thr, max_clicks)) for c in curves])
         out[name] = row
     return out
-
-
-class InteractiveMetrics:
-    """Namespace grouping the interactive-evaluation metrics (same functions as the module level)."""
-
-    dice = staticmethod(dice)
-    number_of_clicks = staticmethod(number_of_clicks)
-    lesion_size_bin = staticmethod(lesion_size_bin)
-    summarise = staticmethod(summarise)

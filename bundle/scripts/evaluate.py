@@ -1,6 +1,6 @@
 """Interactive-segmentation evaluation by the literature's click protocol, per lesion (bundle ``evaluating``).
 
-Protocol (deterministic; /work/shared/reference/sam_med3d.md, "Click protocol"):
+Protocol (deterministic, RITM-style, as SAM-Med3D's interactive evaluation):
     * every test case is preprocessed like training (RAS, ``spacing`` mm, channel / CT clamp / target label);
     * every lesion = connected component (26-connectivity) of the target label in the RESAMPLED label is a separate
       target: an ``S``³ crop (``S = network.img_size``) centred on its bounding box, z-normalised like training;
@@ -40,9 +40,9 @@ import torch
 from monai.utils import convert_to_tensor
 
 from .checkpoint import CheckpointError, load_weights
-from .training.click_rounds import evaluation_clicks
 from .clicks import SIZE_BINS, dice, lesion_size_bin, number_of_clicks, summarise
 from .data.transforms import crop_at, get_preprocess_transforms, lesion_crops, load_datalist, paste_crop
+from .training.click_rounds import evaluation_clicks
 
 __all__ = ["evaluate_dataset", "format_markdown_table", "run_evaluation"]
 

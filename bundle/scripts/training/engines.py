@@ -11,7 +11,6 @@ import random
 from contextlib import nullcontext
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents
@@ -19,8 +18,8 @@ from monai.utils import convert_to_tensor
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
-from .click_rounds import evaluation_clicks, training_rounds
 from ..baselines.tags import tags_alignment_loss
+from .click_rounds import evaluation_clicks, training_rounds
 
 
 def anatomy_inputs(batchdata: dict, anatomy_key: str | None, device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -199,8 +198,8 @@ class InteractiveEvaluator(SupervisedEvaluator):
         network = engine.network.module if hasattr(engine.network, "module") else engine.network
         network.eval()
         preds = {k: [] for k in self.clicks}
-        with torch.no_grad(), torch.autocast("cuda", **engine.amp_kwargs) if engine.amp and images.is_cuda else (
-            nullcontext()
+        with torch.no_grad(), (
+            torch.autocast("cuda", **engine.amp_kwargs) if engine.amp and images.is_cuda else (nullcontext())
         ):
             for b in range(images.shape[0]):
                 target = targets[b, 0].detach().cpu().numpy() > 0.5
@@ -221,10 +220,3 @@ class InteractiveEvaluator(SupervisedEvaluator):
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
-
-
-def seed_everything(seed: int) -> None:
-    """Python, numpy and torch RNGs (MONAI's set_determinism also touches cuDNN flags; this is for the engines)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

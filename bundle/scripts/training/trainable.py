@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -90,10 +89,6 @@ def optimizer_param_groups(
         }
         for (group, no_decay), params in sorted(groups.items())
     ]
-
-
-def trainable_names(model: nn.Module) -> Iterable[str]:
-    return (n for n, p in model.named_parameters() if p.requires_grad)
 
 
 def prepare_network(

@@ -1,0 +1,108 @@
+"""Crop windows of the interactive engine: where a window lies in the resampled volume, which faces a mask touches
+(large-lesion extension), the union of every window's mask, and the resampling of that mask back onto the file.
+
+A window is the ``S``³ network crop starting at voxel ``start`` of the resampled RAS volume (``start`` may be
+negative or run past the end: the outside is zero-padded, see :func:`scripts.data.transforms.crop_at`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import SpatialResample
+
+from ..data.transforms import InferenceImage
+
+__all__ = ["LogitVolume", "inside", "merge_windows", "to_file_grid", "touching_faces", "window_region"]
+
+
+def window_region(start: Sequence[int], size: int, shape: Sequence[int]) -> tuple[tuple, tuple] | None:
+    """(volume slices, window slices) of the part of window ``start`` (side ``size``) inside ``shape``."""
+    lo = [max(int(s), 0) for s in start]
+    hi = [min(int(s) + size, n) for s, n in zip(start, shape)]
+    if any(h <= l for l, h in zip(lo, hi)):
+        return None
+    dst = tuple(slice(l, h) for l, h in zip(lo, hi))
+    src = tuple(slice(l - int(s), h - int(s)) for l, h, s in zip(lo, hi, start))
+    return dst, src
+
+
+def inside(point: Sequence[float], start: Sequence[int], size: int, margin: float = 0.0) -> bool:
+    """Is ``point`` inside window ``start`` (``margin`` voxels in from each face; 0 = anywhere in it)?"""
+    return all(st - 0.5 + margin <= p < st + size - 0.5 - margin for p, st in zip(point, start))
+
+
+def touching_faces(start, window_mask: torch.Tensor, shape: Sequence[int], size: int) -> list[tuple[int, int, int]]:
+    """Starts of the half-shifted windows beyond each face the mask touches where the volume continues.
+
+    Faces in the order -x, +x, -y, +y, -z, +z; a face counts when the mask has a voxel on the window's outermost
+    slice there and the volume continues beyond it; the new window is shifted by ``size // 2`` (50 % overlap).
+    """
+    half = size // 2
+    out = []
+    for axis in range(3):
+        for side in (-1, 1):
+            if side < 0 and start[axis] <= 0:
+                continue  # nothing beyond the face: the window already starts at (or before) the volume edge
+            if side > 0 and start[axis] + size >= shape[axis]:
+                continue
+            face = window_mask.select(axis, 0 if side < 0 else size - 1)
+            if bool(face.any()):
+                new = list(start)
+                new[axis] += side * half
+                out.append(tuple(new))
+    return out
+
+
+class LogitVolume:
+    """One object's crop-resolution logits folded into the resampled volume, window by window.
+
+    Where windows overlap, the maximum logit counts; where no window has looked yet the value is 0, the "no prior"
+    value of round one. An extension window's mask prompt is this volume cropped to the window.
+    """
+
+    def __init__(self, shape: Sequence[int], size: int) -> None:
+        self.shape = tuple(int(n) for n in shape)
+        self.size = int(size)
+        self.logits = torch.zeros(self.shape)
+        self.covered = torch.zeros(self.shape, dtype=torch.bool)
+
+    def add(self, start, full: torch.Tensor) -> torch.Tensor:
+        """Fold one window's (S, S, S) logits into the volume; returns its in-volume mask (S, S, S) bool."""
+        s = self.size
+        window_mask = torch.zeros((s, s, s), dtype=torch.bool)
+        region = window_region(start, s, self.shape)
+        if region is not None:
+            dst, src = region
+            sub, covered = full[src].float(), self.covered[dst]
+            self.logits[dst] = torch.where(covered, torch.maximum(self.logits[dst], sub), sub)
+            self.covered[dst] = True
+            window_mask[src] = sub > 0
+        return window_mask
+
+
+def merge_windows(objects: Sequence, shape: Sequence[int], size: int) -> torch.Tensor:
+    """Union of every object's windows (sigmoid > 0.5 of the crop-resolution logits) in the resampled grid."""
+    shape = tuple(int(n) for n in shape)
+    vol = torch.zeros(shape, dtype=torch.bool)
+    for obj in objects:
+        for start, full in [(obj.start, obj.full), *obj.extra]:
+            region = window_region(start, size, shape)
+            if region is not None and full is not None:
+                dst, src = region
+                vol[dst] |= full[src] > 0
+    return vol
+
+
+def to_file_grid(vol: torch.Tensor, inf: InferenceImage) -> np.ndarray:
+    """Nearest resampling of a resampled-grid mask onto the file's grid -> uint8 (file X, Y, Z)."""
+    if not bool(vol.any()):
+        return np.zeros(inf.original_shape, dtype=np.uint8)
+    src = MetaTensor(vol[None].float(), affine=torch.as_tensor(inf.resampled_affine, dtype=torch.float64))
+    out = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)(
+        src, dst_affine=torch.as_tensor(inf.original_affine, dtype=torch.float64), spatial_size=inf.original_shape
+    )
+    return (torch.as_tensor(out)[0] > 0.5).cpu().numpy().astype(np.uint8)
