@@ -12,22 +12,20 @@ from monai.data.utils import affine_to_spacing
 from monai.transforms import LoadImage, Randomizable
 from scipy import ndimage
 from scripts.data import synthetic_data
-from scripts.data.transforms import (
-    LesionCropd,
-    RandLesionCropd,
-    SelectChanneld,
+from scripts.data.crops import LesionCropd, RandLesionCropd, lesion_components, normalise_crop, paste_crop
+from scripts.data.inference_image import (
     file_voxel_to_resampled,
+    preprocess_image_for_inference,
+    resampled_to_file_voxel,
+)
+from scripts.data.transforms import (
+    SelectChanneld,
     get_crop_transforms,
     get_preprocess_transforms,
     get_train_transforms,
     get_val_transforms,
-    lesion_components,
     lesion_items,
     load_datalist,
-    normalise_crop,
-    paste_crop,
-    preprocess_image_for_inference,
-    resampled_to_file_voxel,
 )
 
 

@@ -5,7 +5,7 @@ Protocol (deterministic, RITM-style, as SAM-Med3D's interactive evaluation):
     * every lesion = connected component (26-connectivity) of the target label in the RESAMPLED label is a separate
       target: an ``S``³ crop (``S = network.img_size``) centred on its bounding box, z-normalised like training;
       the target is that component only (other lesions in the crop count as background);
-    * :func:`scripts.training.click_rounds.evaluation_clicks` simulates up to ``max_clicks`` clicks (first click: deepest
+    * ``training.click_rounds.evaluation_clicks`` simulates up to ``max_clicks`` clicks (first click: deepest
       point of the lesion; then the deepest point of the larger error region), each round feeding the new click and
       the previous low-res logits;
     * Dice@k (k = 1, 3, 5, 10) and NoC@85/90 (capped at ``max_clicks``) per lesion; a curve that stopped early (no
@@ -32,6 +32,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,8 @@ from monai.utils import convert_to_tensor
 
 from .checkpoint import CheckpointError, load_weights
 from .clicks import SIZE_BINS, dice, lesion_size_bin, number_of_clicks, summarise
-from .data.transforms import crop_at, get_preprocess_transforms, lesion_crops, load_datalist, paste_crop
+from .data.crops import crop_at, lesion_crops, paste_crop
+from .data.transforms import get_preprocess_transforms, load_datalist
 from .training.click_rounds import evaluation_clicks
 
 __all__ = ["evaluate_dataset", "format_markdown_table", "run_evaluation"]
@@ -103,8 +105,8 @@ def evaluate_dataset(
         device: defaults to the network's device.
         whole_volume_clicks: click count whose masks are merged for the whole-volume Dice.
         anatomy_key, anatomy_labels, anatomy_from_label: the TAGS anatomy prompt (None = off): the organ mask is
-            preprocessed with the image (``scripts.data.transforms.get_preprocess_transforms``), cropped at each lesion's
-            crop and passed as ``network.encode(crop, anatomy=mask)``. A case without a mask is encoded without
+            preprocessed with the image (``scripts.data.transforms.get_preprocess_transforms``), cropped at each
+            lesion's crop and passed as ``network.encode(crop, anatomy=mask)``. A case without a mask is encoded without
             one (an all-zero anatomy channel), with a warning.
 
     Returns:
@@ -117,68 +119,130 @@ def evaluate_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else next(network.parameters()).device
     network = network.to(device).eval()
-    crop = int(network.img_size)
-    keep = min(int(whole_volume_clicks), int(max_clicks))
-    preprocess = get_preprocess_transforms(target_label, image_channel, ct_clamp, spacing)
-    if anatomy_key:
-        with_anatomy = get_preprocess_transforms(
-            target_label, image_channel, ct_clamp, spacing, anatomy_key=anatomy_key,
-            anatomy_labels=anatomy_labels, anatomy_from_label=anatomy_from_label,
-        )  # fmt: skip
-    prompted_crops = 0
-
+    protocol = _Protocol(
+        crop=int(network.img_size),
+        max_clicks=int(max_clicks),
+        keep=min(int(whole_volume_clicks), int(max_clicks)),
+        spacing=spacing,
+        connectivity=connectivity,
+        device=device,
+    )
+    anatomy = (anatomy_key, anatomy_labels, anatomy_from_label)
+    pipelines = _CasePipelines(target_label, image_channel, ct_clamp, spacing, *anatomy)
     records: list[dict[str, Any]] = []
     whole: list[float] = []
-    skipped = 0
+    skipped = prompted_crops = 0
     for case_idx, item in enumerate(items):
-        has_anatomy = bool(anatomy_key) and (anatomy_from_label or anatomy_key in item)
-        if anatomy_key and not has_anatomy:
-            logger.warning("%s: no '%s' mask, evaluated without the anatomy prompt", item["image"], anatomy_key)
-        keys = ("image", "label", anatomy_key) if has_anatomy and not anatomy_from_label else ("image", "label")
-        data = (with_anatomy if has_anatomy else preprocess)({key: item[key] for key in keys})
-        image, label = data["image"], data["label"]
-        shape = tuple(int(s) for s in label.shape[1:])
-        merged = torch.zeros((1, *shape), dtype=torch.bool)
-        case = Path(str(item["image"])).name
-        num_lesions = 0
-        for k, num_voxels, start, img, target in lesion_crops(image, label, crop, connectivity):
-            num_lesions += 1
-            img = img[None].to(device, torch.float32)
-            if not target.any():
-                skipped += 1  # pathological shape with no voxel in its own centred crop
-                logger.warning("%s lesion %d: no voxel inside its centred crop, skipped", case, k)
-                continue
-            encode_inputs = {}
-            if has_anatomy:
-                organ = convert_to_tensor(crop_at(data[anatomy_key], start, crop), track_meta=False)
-                encode_inputs["anatomy"] = (organ[None] > 0.5).to(device, torch.float32)
-                prompted_crops += 1
-            res = evaluation_clicks(
-                network, img, target, max_clicks, spacing=(spacing,) * 3, keep_masks_at=(keep,),
-                encode_inputs=encode_inputs,
-            )  # fmt: skip
-            mask_k = torch.as_tensor(res["masks_at"][keep])[None]
-            merged |= paste_crop(mask_k, start, shape).bool()
-            curve = _carry(res["dice"], max_clicks)
-            records.append(
-                {
-                    "case": case,
-                    "case_index": case_idx,
-                    "lesion": k,
-                    "num_voxels": num_voxels,
-                    "voxels_in_crop": int(target.sum()),
-                    "equivalent_diameter_mm": _equivalent_diameter(num_voxels, spacing),
-                    "size_bin": lesion_size_bin(num_voxels, spacing),
-                    "truncated": int(target.sum()) < num_voxels,
-                    "crop_start": [int(v) for v in start],
-                    "clicks_used": len(res["dice"]),
-                    "dice": curve,
-                }
-            )
-        if num_lesions:
-            whole.append(dice(merged[0], label[0] > 0.5))
+        case = _evaluate_case(network, item, case_idx, pipelines, protocol)
+        records += case["records"]
+        skipped += case["skipped"]
+        prompted_crops += case["prompted"]
+        if case["whole"] is not None:
+            whole.append(case["whole"])
 
-    metrics = summarise(records, ks=DICE_KS, noc_thresholds=NOC_THRESHOLDS, max_clicks=max_clicks) if records else {}
+    summary, curves = _summarise_run(records, whole, protocol)
+    summary.update(num_cases=len(items), skipped_lesions=skipped, anatomy_prompted_crops=prompted_crops)
+    _write_csv(records, out_dir / "per_lesion.csv", max_clicks)
+    (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=1))
+    if plot:
+        _plot(summary["dice_curve"], {g: len(c) for g, c in curves.items()}, out_dir / "dice_vs_clicks.png")
+    if print_table:
+        print(format_markdown_table(summary))
+    return summary
+
+
+@dataclass(frozen=True)
+class _Protocol:
+    """The click protocol's settings: crop side, clicks per lesion, the click count merged for the whole-volume
+    Dice, spacing (mm), lesion connectivity and device."""
+
+    crop: int
+    max_clicks: int
+    keep: int
+    spacing: float
+    connectivity: int
+    device: torch.device
+
+
+class _CasePipelines:
+    """Preprocessing of one case like training; with the anatomy prompt on, a second pipeline that also loads the
+    organ mask (used for the cases that have one)."""
+
+    def __init__(self, target_label, image_channel, ct_clamp, spacing, anatomy_key, anatomy_labels, anatomy_from_label):
+        self.anatomy_key, self.anatomy_from_label = anatomy_key, anatomy_from_label
+        self.plain = get_preprocess_transforms(target_label, image_channel, ct_clamp, spacing)
+        self.with_anatomy = None
+        if anatomy_key:
+            self.with_anatomy = get_preprocess_transforms(
+                target_label, image_channel, ct_clamp, spacing, anatomy_key=anatomy_key,
+                anatomy_labels=anatomy_labels, anatomy_from_label=anatomy_from_label,
+            )  # fmt: skip
+
+    def __call__(self, item: Mapping) -> tuple[dict, bool]:
+        """(preprocessed case, whether it carries the organ mask)."""
+        key = self.anatomy_key
+        has_anatomy = bool(key) and (self.anatomy_from_label or key in item)
+        if key and not has_anatomy:
+            logger.warning("%s: no '%s' mask, evaluated without the anatomy prompt", item["image"], key)
+        keys = ("image", "label", key) if has_anatomy and not self.anatomy_from_label else ("image", "label")
+        data = (self.with_anatomy if has_anatomy else self.plain)({k: item[k] for k in keys})
+        return data, has_anatomy
+
+
+def _evaluate_case(network, item: Mapping, case_idx: int, pipelines: _CasePipelines, protocol: _Protocol) -> dict:
+    """Every lesion of one case through the click protocol: {"records", "whole" (Dice or None), "skipped",
+    "prompted" (crops encoded with the organ mask)}."""
+    data, has_anatomy = pipelines(item)
+    image, label = data["image"], data["label"]
+    shape = tuple(int(s) for s in label.shape[1:])
+    merged = torch.zeros((1, *shape), dtype=torch.bool)
+    case = Path(str(item["image"])).name
+    out = {"records": [], "whole": None, "skipped": 0, "prompted": 0}
+    num_lesions = 0
+    for k, num_voxels, start, img, target in lesion_crops(image, label, protocol.crop, protocol.connectivity):
+        num_lesions += 1
+        img = img[None].to(protocol.device, torch.float32)
+        if not target.any():
+            out["skipped"] += 1  # pathological shape with no voxel in its own centred crop
+            logger.warning("%s lesion %d: no voxel inside its centred crop, skipped", case, k)
+            continue
+        encode_inputs = {}
+        if has_anatomy:
+            organ = convert_to_tensor(crop_at(data[pipelines.anatomy_key], start, protocol.crop), track_meta=False)
+            encode_inputs["anatomy"] = (organ[None] > 0.5).to(protocol.device, torch.float32)
+            out["prompted"] += 1
+        res = evaluation_clicks(
+            network, img, target, protocol.max_clicks, spacing=(protocol.spacing,) * 3, keep_masks_at=(protocol.keep,),
+            encode_inputs=encode_inputs,
+        )  # fmt: skip
+        merged |= paste_crop(torch.as_tensor(res["masks_at"][protocol.keep])[None], start, shape).bool()
+        out["records"].append(_lesion_record(case, case_idx, k, num_voxels, start, target, res, protocol))
+    if num_lesions:
+        out["whole"] = dice(merged[0], label[0] > 0.5)
+    return out
+
+
+def _lesion_record(case, case_idx, k, num_voxels, start, target, res, protocol: _Protocol) -> dict[str, Any]:
+    return {
+        "case": case,
+        "case_index": case_idx,
+        "lesion": k,
+        "num_voxels": num_voxels,
+        "voxels_in_crop": int(target.sum()),
+        "equivalent_diameter_mm": _equivalent_diameter(num_voxels, protocol.spacing),
+        "size_bin": lesion_size_bin(num_voxels, protocol.spacing),
+        "truncated": int(target.sum()) < num_voxels,
+        "crop_start": [int(v) for v in start],
+        "clicks_used": len(res["dice"]),
+        "dice": _carry(res["dice"], protocol.max_clicks),
+    }
+
+
+def _summarise_run(records: list[dict], whole: list[float], protocol: _Protocol) -> tuple[dict[str, Any], dict]:
+    """(summary without the case counts, per-group Dice curves of every lesion)."""
+    metrics = (
+        summarise(records, ks=DICE_KS, noc_thresholds=NOC_THRESHOLDS, max_clicks=protocol.max_clicks) if records else {}
+    )
     curves = {
         "overall": [r["dice"] for r in records],
         **{b: [r["dice"] for r in records if r["size_bin"] == b] for b in SIZE_BINS},
@@ -192,24 +256,18 @@ def evaluate_dataset(
             "mean": float(whole_arr.mean()) if whole else float("nan"),
             "std": float(whole_arr.std()) if whole else float("nan"),
             "n": len(whole),
-            "clicks": keep,
+            "clicks": protocol.keep,
         },
         "dice_curve": mean_curves,
-        "num_cases": len(items),
+        "num_cases": 0,
         "num_lesions": len(records),
-        "skipped_lesions": skipped,
-        "max_clicks": int(max_clicks),
-        "crop_size": crop,
-        "spacing": float(spacing),
-        "anatomy_prompted_crops": prompted_crops,
+        "skipped_lesions": 0,
+        "max_clicks": protocol.max_clicks,
+        "crop_size": protocol.crop,
+        "spacing": float(protocol.spacing),
+        "anatomy_prompted_crops": 0,
     }
-    _write_csv(records, out_dir / "per_lesion.csv", max_clicks)
-    (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=1))
-    if plot:
-        _plot(mean_curves, {g: len(c) for g, c in curves.items()}, out_dir / "dice_vs_clicks.png")
-    if print_table:
-        print(format_markdown_table(summary))
-    return summary
+    return summary, curves
 
 
 def _json_safe(obj: Any) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..data.transforms import InferenceImage, preprocess_image_for_inference
+from ..data.inference_image import InferenceImage, preprocess_image_for_inference
 from .sessions import ClickError
 
 __all__ = ["ByteLRU", "EncoderCache"]

@@ -7,7 +7,7 @@ all of its clicks on every call (3D Slicer's MONAI Label plugin does) gets exact
 Geometry (docs/conventions.md):
     file voxel (i, j, k)  --original affine-->  world mm (RAS)  --resampled affine^-1-->  RAS 1.5 mm voxel
 The image is preprocessed once with the training transforms
-(:func:`scripts.data.transforms.preprocess_image_for_inference`), each object gets an ``S``³ crop
+(:func:`scripts.data.inference_image.preprocess_image_for_inference`), each object gets an ``S``³ crop
 (``S = network.img_size``) that is z-normalised like training, and the merged mask is resampled back (nearest) onto
 the file's grid (``windows.py``), so the result has the input file's shape and affine.
 
@@ -71,7 +71,8 @@ import torch
 import torch.nn.functional as F
 from monai.utils import convert_to_tensor
 
-from ..data.transforms import InferenceImage, centred_crop_start, crop_at, file_voxel_to_resampled, normalise_crop
+from ..data.crops import centred_crop_start, crop_at, normalise_crop
+from ..data.inference_image import InferenceImage, file_voxel_to_resampled
 from ..training.click_rounds import decoder_clicks, initial_mask_prompt, shown_logits
 from .cache import EncoderCache
 from .sessions import (

@@ -14,7 +14,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import SpatialResample
 
-from ..data.transforms import InferenceImage
+from ..data.inference_image import InferenceImage
 
 __all__ = ["LogitVolume", "inside", "merge_windows", "to_file_grid", "touching_faces", "window_region"]
 

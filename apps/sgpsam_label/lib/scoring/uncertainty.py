@@ -30,8 +30,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from scipy import ndimage
+from scripts.data.crops import crop_at, normalise_crop
+from scripts.data.inference_image import preprocess_image_for_inference, resampled_to_file_voxel
 from scripts.training.click_rounds import initial_mask_prompt
-from scripts.data.transforms import crop_at, normalise_crop, preprocess_image_for_inference, resampled_to_file_voxel
 
 logger = logging.getLogger(__name__)
 
