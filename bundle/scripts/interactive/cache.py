@@ -3,12 +3,14 @@ the per-window image embeddings and refiner features, so a repeat click on the s
 encoder and the mask decoder.
 
 Keys carry the image id, the preprocessing settings, the window start and, for network outputs, the model version;
-callers must give a different ``image_id`` to different image content.
+callers must give a different ``image_id`` to different image content. The LRU is shared by threads working on
+different images: its lookups and inserts hold a lock, the encoder runs outside it.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -62,6 +64,15 @@ class ByteLRU:
         for key in [k for k in self._items if predicate(k)]:
             self.pop(key)
 
+    def shrink_to(self, max_bytes: int) -> int:
+        """Evict the oldest entries until at most ``max_bytes`` are held; returns the number evicted."""
+        evicted = 0
+        while self.total > max(int(max_bytes), 0) and self._items:
+            _, (_, size) = self._items.popitem(last=False)
+            self.total -= size
+            evicted += 1
+        return evicted
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -75,25 +86,46 @@ class EncoderCache:
 
     Args:
         max_bytes: the LRU's cap.
-        stats: counters updated in place: ``image_loads``, ``encoder_runs``, ``cache_hits``, ``cache_misses``,
-            ``evictions``.
+        count: ``count(name, n)`` adds ``n`` to a counter: ``image_loads``, ``encoder_runs``, ``cache_hits``,
+            ``cache_misses``, ``evictions``.
         preprocessing: ``(spacing, image_channel, ct_clamp)``, part of every key.
     """
 
-    def __init__(self, max_bytes: int, stats: dict[str, int], preprocessing: tuple) -> None:
+    def __init__(self, max_bytes: int, count: Callable[[str, int], None], preprocessing: tuple) -> None:
         self.lru = ByteLRU(max_bytes)
-        self.stats = stats
+        self.count = count
         self.preprocessing = tuple(preprocessing)
+        self._lock = threading.Lock()
+
+    def _get(self, key: Hashable) -> Any | None:
+        with self._lock:
+            return self.lru.get(key)
 
     def _put(self, key: Hashable, value: Any, nbytes: int) -> None:
-        self.stats["evictions"] += self.lru.put(key, value, nbytes)
+        with self._lock:
+            evicted = self.lru.put(key, value, nbytes)
+        self.count("evictions", evicted)
+
+    def shrink_to(self, max_bytes: int) -> None:
+        with self._lock:
+            evicted = self.lru.shrink_to(max_bytes)
+        self.count("evictions", evicted)
+
+    @property
+    def total(self) -> int:
+        return self.lru.total
 
     def volume(self, image_id: str, image) -> InferenceImage:
-        """The preprocessed image (see :func:`preprocess_image_for_inference`), loaded once per ``image_id``."""
+        """The preprocessed image (see :func:`preprocess_image_for_inference`), loaded once per ``image_id``.
+
+        ``image`` may also be a function returning the image, called only when the volume is not cached.
+        """
         key = ("img", image_id, *self.preprocessing)
-        inf = self.lru.get(key)
+        inf = self._get(key)
         if inf is not None:
             return inf
+        if callable(image):
+            image = image()
         if not isinstance(image, torch.Tensor):
             path = os.fspath(image)
             if not os.path.isfile(path):
@@ -109,32 +141,34 @@ class EncoderCache:
             if cause is None:
                 raise
             raise ClickError(str(cause).strip().splitlines()[0] if str(cause).strip() else repr(cause)) from None
-        self.stats["image_loads"] += 1
+        self.count("image_loads", 1)
         self._put(key, inf, _nbytes(inf.image))
         return inf
 
     def embedding(self, image_id: str, start, version: str, encode: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Image embedding of the window at ``start``: from the LRU, or ``encode()`` (one encoder run)."""
         key = ("emb", image_id, *self.preprocessing, tuple(start), version)
-        emb = self.lru.get(key)
+        emb = self._get(key)
         if emb is not None:
-            self.stats["cache_hits"] += 1
+            self.count("cache_hits", 1)
             return emb
-        self.stats["cache_misses"] += 1
+        self.count("cache_misses", 1)
         emb = encode()
-        self.stats["encoder_runs"] += 1
+        self.count("encoder_runs", 1)
         self._put(key, emb, _nbytes(emb))
         return emb
 
     def refiner_features(self, image_id: str, start, version: str, compute: Callable[[], torch.Tensor]):
         """The refiner's image features of the window at ``start`` (cached like embeddings, not counted)."""
         key = ("ref", image_id, *self.preprocessing, tuple(start), version)
-        features = self.lru.get(key)
+        features = self._get(key)
         if features is None:
             features = compute()
             self._put(key, features, _nbytes(features))
         return features
 
-    def drop_embeddings(self) -> None:
-        """Forget every embedding (new weights); volumes stay, stale refiner features are never hit again."""
-        self.lru.drop(lambda k: k[0] == "emb")
+    def drop_embeddings(self, keep_versions=()) -> None:
+        """Forget the network outputs of every version but ``keep_versions`` (new weights); volumes stay."""
+        keep = set(keep_versions)
+        with self._lock:
+            self.lru.drop(lambda k: k[0] in ("emb", "ref") and k[-1] not in keep)

@@ -53,9 +53,12 @@ The merged mask is the union over objects.
 
 Caching (``cache.py``): a bounded LRU (``cache_max_bytes``, counted as tensor ``nbytes``) holds the preprocessed
 volumes (key ``image_id``) and the image embeddings (key ``(image_id, crop start, model_version)``), so a repeat
-click on the same object runs only the prompt encoder and mask decoder. ``set_network`` bumps the version, drops
-the embeddings and the sessions (their logits came from the old weights). Callers must give a different
-``image_id`` to different image content.
+click on the same object runs only the prompt encoder and mask decoder. ``set_network`` bumps the version and
+drops the sessions and old embeddings, or with ``keep_session_weights`` lets each session run on the weights it
+started with until it is reset, idle (``session_idle_s``) or evicted. ``cache_max_bytes`` is ONE budget for the
+LRU, the sessions' logits and kept older networks (``calls.fit_budget``). Calls on one image run one at a time,
+calls on different images in parallel (``calls.py``). Callers must give a different ``image_id`` to different
+image content.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ from ..data.crops import centred_crop_start, crop_at, normalise_crop
 from ..data.inference_image import InferenceImage, file_voxel_to_resampled
 from ..training.click_rounds import decoder_clicks, initial_mask_prompt, shown_logits
 from .cache import EncoderCache
+from .calls import CallCounters, ImageLocks, Weights, fit_budget, release_unused
 from .sessions import (
     Click,
     ClickError,
@@ -121,11 +125,14 @@ class InteractiveSegmenter:
         spacing: isotropic resampling in mm (SAM-Med3D: 1.5).
         image_channel: input channel of multi-channel images (None: the image must have one channel).
         ct_clamp: clamp intensities to [-1000, 1000] before resampling (CT).
-        cache_max_bytes: cap of the LRU holding preprocessed volumes and embeddings.
+        cache_max_bytes: memory budget for the preprocessed volumes, embeddings, sessions and kept older networks.
         model_version: tag of the current weights, part of the embedding cache key.
         new_object_distance_mm: see the module docstring; default 0.4 x crop side x spacing.
         max_extra_windows: cap of large-lesion extension windows per object (0 disables extension).
         max_sessions: sessions kept (least recently used dropped first).
+        max_objects: objects (crops) per session; a foreground click that would start one more is a ClickError.
+        session_idle_s: a session unused this long is dropped (None: kept until evicted).
+        keep_session_weights: sessions keep the weights they started with across ``set_network``.
     """
 
     def __init__(
@@ -140,22 +147,37 @@ class InteractiveSegmenter:
         new_object_distance_mm=None,
         max_extra_windows: int = 6,
         max_sessions: int = 64,
+        max_objects: int | None = None,
+        session_idle_s: float | None = None,
+        keep_session_weights: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.spacing = float(spacing)
         self.image_channel = image_channel
         self.ct_clamp = bool(ct_clamp)
         self.max_extra_windows = int(max_extra_windows)
+        self.max_objects = max_objects
+        self.max_bytes = int(cache_max_bytes)
+        self.keep_session_weights = bool(keep_session_weights)
         self._new_object_distance_mm = new_object_distance_mm
-        self.stats: dict[str, int] = {k: 0 for k in STAT_KEYS}
-        self._cache = EncoderCache(cache_max_bytes, self.stats, (self.spacing, self.image_channel, self.ct_clamp))
-        self._sessions = SessionStore(max_sessions)
+        self._counters = CallCounters(STAT_KEYS)
+        self.stats: dict[str, int] = self._counters.totals
+        preprocessing = (self.spacing, self.image_channel, self.ct_clamp)
+        self._cache = EncoderCache(cache_max_bytes, self._counters.add, preprocessing)
+        self._sessions = SessionStore(max_sessions, session_idle_s)
+        self._image_locks = ImageLocks()
         self._lock = threading.RLock()
-        self.network = None
-        self.model_version = str(model_version)
-        self._install(network)
+        self._weights = Weights(self._prepare(network), str(model_version))
 
     # -- public API -------------------------------------------------------------------------------------------
+    @property
+    def network(self):
+        return self._weights.network
+
+    @property
+    def model_version(self) -> str:
+        return self._weights.version
+
     @property
     def crop_size(self) -> int:
         return int(self.network.img_size)
@@ -167,16 +189,22 @@ class InteractiveSegmenter:
         return 0.4 * self.crop_size * self.spacing
 
     def set_network(self, network, model_version: str) -> None:
-        """Swap the weights: new version tag, cached embeddings and all sessions are dropped (volumes are kept)."""
+        """Swap the weights (new version tag). Sessions and their embeddings are dropped, or, with
+        ``keep_session_weights``, kept on the weights they started with (module docstring); volumes are kept."""
         with self._lock:
-            self._install(network)
-            self.model_version = str(model_version)
-            self._cache.drop_embeddings()
-            self._sessions.clear()
+            self._weights.replace(self._prepare(network), str(model_version), self.keep_session_weights)
+            if not self.keep_session_weights:
+                self._sessions.clear()
+            self._release_unused_weights()
 
     def clear_session(self, session_key) -> None:
-        with self._lock:
-            self._sessions.pop(session_key)
+        self._sessions.pop(session_key)
+
+    def image_geometry(self, image_id: str, image) -> tuple[tuple[int, int, int], np.ndarray]:
+        """(shape, affine) of the image FILE, as a mask for it must have (the volume is cached like for clicks)."""
+        with self._image_locks.hold(str(image_id)):
+            inf = self._cache.volume(str(image_id), image)
+        return tuple(inf.original_shape), np.array(inf.original_affine, dtype=np.float64)
 
     def segment(
         self,
@@ -210,23 +238,45 @@ class InteractiveSegmenter:
         if not fg and not bg:
             raise ClickError("no clicks given: send at least one foreground click [i, j, k]")
         image_id = str(image_id)
+        key = image_id if session_key is None else session_key
+        with self._image_locks.hold(image_id):
+            self._counters.begin()
+            try:
+                inf = self._cache.volume(image_id, image)
+                check_bounds(fg, "foreground", inf.original_shape)
+                check_bounds(bg, "background", inf.original_shape)
+                session = self._open_session(key, image_id, reset)
+                with self._weights.use(session.version):
+                    snapshot, info = self._advance(session, inf, fg, bg)
+                if snapshot.packed is None:
+                    merged = merge_windows(snapshot.objects, self._shape(inf), self.crop_size)
+                    snapshot.packed = pack_mask(to_file_grid(merged, inf))
+                mask = unpack_mask(snapshot.packed)
+            finally:
+                counts = self._counters.end()
+            self._fit_budget(key)
+        info["reset"] = bool(reset)
+        info.update({k: counts.get(k, 0) for k in ("encoder_runs", "decoder_runs", "cache_hits")})
+        info["objects"] = len(snapshot.objects)
+        info["windows"] = sum(1 + len(o.extra) for o in snapshot.objects)
+        info["model_version"] = session.version
+        info["latency_ms"] = (time.perf_counter() - t0) * 1000.0
+        return SegmentationResult(mask=mask, affine=np.array(inf.original_affine, dtype=np.float64), info=info)
+
+    def _open_session(self, key, image_id: str, reset: bool) -> Session:
+        """The session of ``key``, started over when the weights it ran on are gone."""
         with self._lock:
-            before = dict(self.stats)
-            inf = self._cache.volume(image_id, image)
-            check_bounds(fg, "foreground", inf.original_shape)
-            check_bounds(bg, "background", inf.original_shape)
-            session = self._sessions.open(image_id if session_key is None else session_key, image_id, reset)
-            snapshot, info = self._advance(session, inf, fg, bg)
-            if snapshot.packed is None:
-                merged = merge_windows(snapshot.objects, self._shape(inf), self.crop_size)
-                snapshot.packed = pack_mask(to_file_grid(merged, inf))
-            mask = unpack_mask(snapshot.packed)
-            info["reset"] = bool(reset)
-            info.update({k: self.stats[k] - before[k] for k in ("encoder_runs", "decoder_runs", "cache_hits")})
-            info["objects"] = len(snapshot.objects)
-            info["windows"] = sum(1 + len(o.extra) for o in snapshot.objects)
-            info["latency_ms"] = (time.perf_counter() - t0) * 1000.0
-            return SegmentationResult(mask=mask, affine=np.array(inf.original_affine, dtype=np.float64), info=info)
+            session = self._sessions.open(key, image_id, reset, self.model_version)
+            if not self._weights.has(session.version):
+                session = self._sessions.open(key, image_id, True, self.model_version)
+            return session
+
+    def _release_unused_weights(self) -> None:
+        release_unused(self._weights, self._sessions, self._cache)
+
+    def _fit_budget(self, keep) -> None:
+        with self._lock:
+            fit_budget(self.max_bytes, self._cache, self._sessions, self._weights, keep)
 
     def _advance(self, session: Session, inf: InferenceImage, fg: list, bg: list) -> tuple[Snapshot, dict]:
         """Restore the session's base snapshot for the sent clicks and run the clicks after it as one round."""
@@ -244,8 +294,17 @@ class InteractiveSegmenter:
         return (base if new is None else new), info
 
     # -- network / cache ----------------------------------------------------------------------------------------
-    def _install(self, network) -> None:
-        self.network = network.to(self.device).eval()
+    def _prepare(self, network):
+        return network.to(self.device).eval()
+
+    @property
+    def _net(self):
+        """The network of the calling thread's session (see ``calls.Weights.use``)."""
+        return self._weights.active[0]
+
+    @property
+    def _version(self) -> str:
+        return self._weights.active[1]
 
     @staticmethod
     def _shape(inf: InferenceImage) -> tuple[int, int, int]:
@@ -259,15 +318,13 @@ class InteractiveSegmenter:
     @torch.inference_mode()
     def _embedding(self, image_id: str, inf: InferenceImage, start: tuple[int, int, int]) -> torch.Tensor:
         """Image embedding (1, C, g, g, g) of the crop at ``start``, from the LRU or a fresh encoder run."""
-        return self._cache.embedding(
-            image_id, start, self.model_version, lambda: self.network.encode(self._crop(inf, start))
-        )
+        return self._cache.embedding(image_id, start, self._version, lambda: self._net.encode(self._crop(inf, start)))
 
     @torch.inference_mode()
     def _refine_features(self, image_id: str, inf: InferenceImage, start: tuple[int, int, int]) -> torch.Tensor:
         """The refiner's image features of the crop at ``start`` (cached like embeddings)."""
         return self._cache.refiner_features(
-            image_id, start, self.model_version, lambda: self.network.refine_features(self._crop(inf, start))
+            image_id, start, self._version, lambda: self._net.refine_features(self._crop(inf, start))
         )
 
     def _click_tensors(self, clicks: list[Click], start) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -282,8 +339,8 @@ class InteractiveSegmenter:
     def _decode(self, emb, clicks: list[Click], start, mask_prompt: torch.Tensor) -> torch.Tensor:
         """One prompt-encoder + decoder round; clicks in resampled coordinates; returns (1, 1, *low_res) logits."""
         points, labels = self._click_tensors(clicks, start)
-        logits, _ = self.network.decode(emb, points, labels, mask_prompt.to(self.device, torch.float32))
-        self.stats["decoder_runs"] += 1
+        logits, _ = self._net.decode(emb, points, labels, mask_prompt.to(self.device, torch.float32))
+        self._counters.add("decoder_runs")
         return logits.float()
 
     @torch.inference_mode()
@@ -297,11 +354,11 @@ class InteractiveSegmenter:
         reach the clicked part only through the neighbouring window."""
         features = prev_logits = None
         points, labels = self._click_tensors(clicks, start)
-        if getattr(self.network, "refiner", None) is not None:
+        if getattr(self._net, "refiner", None) is not None:
             features = self._refine_features(image_id, inf, start)
             prev_logits = None if prev is None else prev[None, None].to(self.device, torch.float32)
-        logits = self.network.full_res_logits(low_res, (self.crop_size,) * 3, features, prev_logits, points, labels)
-        logits = shown_logits(self.network, logits, points, labels, keep_clicked_components=main)
+        logits = self._net.full_res_logits(low_res, (self.crop_size,) * 3, features, prev_logits, points, labels)
+        logits = shown_logits(self._net, logits, points, labels, keep_clicked_components=main)
         return logits[0, 0].half().cpu()  # half precision: snapshots (undo) keep one per window and round
 
     # -- objects and rounds -------------------------------------------------------------------------------------
@@ -331,6 +388,12 @@ class InteractiveSegmenter:
         for click in clicks:
             idx = self._assign(objects, click)
             if idx is None:
+                if self.max_objects is not None and len(objects) >= self.max_objects:
+                    shown = [round(v, 1) for v in click.point]
+                    raise ClickError(
+                        f"a foreground click (resampled voxel {shown}) would start lesion #{len(objects) + 1}; "
+                        f"at most {self.max_objects} per session: use another segment"
+                    )
                 objects.append(ObjectState(start=tuple(int(c) for c in centred_crop_start(click.point, s))))
                 idx = len(objects) - 1
             objects[idx].clicks.append(click)
@@ -341,9 +404,9 @@ class InteractiveSegmenter:
             in_main = [c for c in touched[idx] if self._inside(c.point, obj.start)]
             if in_main or obj.logits is None:
                 emb = self._embedding(image_id, inf, obj.start)
-                prompt = obj.logits if obj.logits is not None else initial_mask_prompt(self.network, 1, self.device)
+                prompt = obj.logits if obj.logits is not None else initial_mask_prompt(self._net, 1, self.device)
                 in_window = [c for c in obj.clicks if self._inside(c.point, obj.start)]
-                obj.logits = self._decode(emb, decoder_clicks(self.network, in_main, in_window), obj.start, prompt)
+                obj.logits = self._decode(emb, decoder_clicks(self._net, in_main, in_window), obj.start, prompt)
                 obj.full = self._full_res(image_id, inf, obj.start, obj.logits, obj.full, in_window)
             obj.extra = self._extend(image_id, inf, obj)
 
@@ -362,7 +425,7 @@ class InteractiveSegmenter:
                 continue
             seen.add(start)
             prior = convert_to_tensor(crop_at(volume.logits[None], start, s), track_meta=False)[None].float()
-            prompt = F.interpolate(prior, size=tuple(self.network.low_res_size), mode="area")  # (1, 1, *low_res)
+            prompt = F.interpolate(prior, size=tuple(self._net.low_res_size), mode="area")  # (1, 1, *low_res)
             inside_clicks = [c for c in obj.clicks if self._inside(c.point, start)]
             low_res = self._decode(self._embedding(image_id, inf, start), inside_clicks, start, prompt)
             full = self._full_res(image_id, inf, start, low_res, None, inside_clicks, main=False)

@@ -11,6 +11,8 @@ last common round boundary (possibly the empty state) and feed the rest as one r
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, replace
@@ -60,12 +62,27 @@ class Snapshot:
 
 @dataclass
 class Session:
-    """One client's clicks on one image (file voxel clicks as sent) and its snapshots."""
+    """One client's clicks on one image (file voxel clicks as sent), its snapshots and the weights it runs on."""
 
     image_id: str
     fg: list[tuple[float, float, float]] = field(default_factory=list)
     bg: list[tuple[float, float, float]] = field(default_factory=list)
     history: list[Snapshot] = field(default_factory=list)
+    version: str = ""  # model version the session started with
+    last_used: float = field(default_factory=time.monotonic)
+
+    def nbytes(self, seen: set[int]) -> int:
+        """Bytes of the logits and packed masks its snapshots hold (each tensor once; ``seen``: ids counted)."""
+        total = 0
+        for snapshot in self.history:
+            arrays = [t for o in snapshot.objects for t in (o.logits, o.full, *(f for _, f in o.extra))]
+            if snapshot.packed is not None and snapshot.packed[2] is not None:
+                arrays.append(snapshot.packed[2])
+            for a in arrays:
+                if a is not None and id(a) not in seen:
+                    seen.add(id(a))
+                    total += a.nbytes if isinstance(a, np.ndarray) else a.numel() * a.element_size()
+        return total
 
     def base(self, fg: list, bg: list) -> tuple[int, Snapshot, dict[str, int]]:
         """(history index or -1, snapshot the new round starts from, click counts for the call's info)."""
@@ -91,30 +108,63 @@ class Session:
 
 
 class SessionStore:
-    """Sessions by key, the least recently used dropped beyond ``max_sessions``."""
+    """Sessions by key: the least recently used dropped beyond ``max_sessions``, sessions unused for ``idle_s``
+    seconds dropped at the next call. Safe to use from several threads."""
 
-    def __init__(self, max_sessions: int) -> None:
+    def __init__(self, max_sessions: int, idle_s: float | None = None) -> None:
         self.max_sessions = int(max_sessions)
+        self.idle_s = idle_s
         self._sessions: OrderedDict[Hashable, Session] = OrderedDict()
+        self._lock = threading.Lock()
 
-    def open(self, key: Hashable, image_id: str, reset: bool = False) -> Session:
-        """The session of ``key`` (a fresh one after ``reset`` or for another image), marked most recent."""
-        if reset:
-            self._sessions.pop(key, None)
-        session = self._sessions.get(key)
-        if session is None or session.image_id != image_id:
-            session = Session(image_id)
-        self._sessions[key] = session
-        self._sessions.move_to_end(key)
-        while len(self._sessions) > self.max_sessions:
-            self._sessions.popitem(last=False)
-        return session
+    def open(self, key: Hashable, image_id: str, reset: bool = False, version: str = "") -> Session:
+        """The session of ``key`` (a fresh one on ``version`` after ``reset`` or for another image), marked most
+        recent."""
+        now = time.monotonic()
+        with self._lock:
+            if self.idle_s is not None:
+                for idle in [k for k, v in self._sessions.items() if now - v.last_used > self.idle_s and k != key]:
+                    del self._sessions[idle]
+            if reset:
+                self._sessions.pop(key, None)
+            session = self._sessions.get(key)
+            if session is None or session.image_id != image_id:
+                session = Session(image_id, version=version)
+            session.last_used = now
+            self._sessions[key] = session
+            self._sessions.move_to_end(key)
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
+            return session
 
     def pop(self, key: Hashable) -> None:
-        self._sessions.pop(key, None)
+        with self._lock:
+            self._sessions.pop(key, None)
 
     def clear(self) -> None:
-        self._sessions.clear()
+        with self._lock:
+            self._sessions.clear()
+
+    def versions(self) -> set[str]:
+        with self._lock:
+            return {s.version for s in self._sessions.values()}
+
+    def nbytes(self) -> int:
+        seen: set[int] = set()
+        with self._lock:
+            return sum(s.nbytes(seen) for s in list(self._sessions.values()))
+
+    def evict_oldest(self, keep: Hashable) -> bool:
+        """Drop the least recently used session other than ``keep``; False when there is none."""
+        with self._lock:
+            for key in self._sessions:
+                if key != keep:
+                    del self._sessions[key]
+                    return True
+            return False
+
+    def __len__(self) -> int:
+        return len(self._sessions)
 
 
 def pack_mask(mask: np.ndarray) -> tuple:
