@@ -29,10 +29,14 @@ for _path in (APP_DIR, BUNDLE_ROOT):  # MONAI Label removes the app dir from sys
 
 from fastapi import HTTPException  # noqa: E402
 from lib.datastore import SafeLocalDatastore  # noqa: E402
+from lib.infers.batch import ClickModelBatchInfer  # noqa: E402
 from lib.infers.sgpsam import SGPSAMInfer  # noqa: E402
 from lib.model import NetworkLoader  # noqa: E402
+from lib.request import SERVER_KEY, session_owner, unprocessable  # noqa: E402
+from lib.routes import install_into_running_server  # noqa: E402
 from lib.scoring.tta import TTAUncertaintyScoring  # noqa: E402
 from lib.settings import AppSettings  # noqa: E402
+from lib.strategies.leases import SampleLeases  # noqa: E402
 from lib.strategies.uncertainty import HighestUncertainty  # noqa: E402
 from lib.trainers.sgpsam import SGPSAMTrain  # noqa: E402
 from monailabel.config import settings as ml_settings  # noqa: E402
@@ -50,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = "sgpsam"
 LABELS = ["lesion"]
+# what a click request may carry from the client (anything else is ignored: docs/monailabel.md)
+CLIENT_KEYS = ("label", "foreground", "background", "reset_state", "roi", "client_id", "result_extension")
 
 
 def warm_up(network, device) -> None:
@@ -66,6 +72,7 @@ class MyApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.settings = AppSettings.from_conf(conf, app_dir)
         self.loader = NetworkLoader(self.settings)
+        self.leases = SampleLeases(self.settings.sample_lease_s)
         logger.info(f"SGP-SAM app settings: {self.settings.describe()}")
         super().__init__(
             app_dir=app_dir,
@@ -106,7 +113,11 @@ class MyApp(MONAILabelApp):
     def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
         return {"sgpsam_uncertainty": TTAUncertaintyScoring(self.settings, self.loader)}
 
+    def init_batch_infer(self):
+        return ClickModelBatchInfer()
+
     def on_init_complete(self):
+        install_into_running_server()  # before the first request: checked endpoints, clicks off the event loop
         super().on_init_complete()
         try:  # load the weights now: the first click should not pay for it, and a bad checkpoint shows at start
             loaded = self._infers[MODEL_NAME].model()
@@ -115,22 +126,37 @@ class MyApp(MONAILabelApp):
         except Exception as err:
             logger.error(f"SGP-SAM model could not be loaded at start-up: {err}")
 
-    # -- request checks: a bad request is the client's error (4xx with a reason), not a 500 ------------------------
+    # -- requests: a bad request is the client's error (4xx with a reason), not a 500 -----------------------------
+    def _image_for_infer(self, request, datastore) -> tuple[str, str]:
+        """(file to read, image id for the click session): a datastore id, or the plugin's upload session."""
+        server = request.get(SERVER_KEY) or {}
+        image = request.get("image")
+        if server.get("session_id"):
+            session = self.sessions().get_session(server["session_id"]) if self.sessions() else None
+            if session is None or image != session.image:
+                raise HTTPException(status_code=404, detail=f"session {server['session_id']!r} not found or expired")
+            return image, f"session:{server['session_id']}"
+        if server.get("upload") and isinstance(image, str) and os.path.isfile(image):
+            return image, image
+        if not isinstance(image, str) or not image:
+            raise unprocessable(f"image must be an image id, got {image!r}"[:200])
+        uri = datastore.get_image_uri(image)
+        if not uri and hasattr(datastore, "sync"):
+            datastore.sync()
+            uri = datastore.get_image_uri(image)
+        if not uri or not os.path.isfile(uri):
+            raise HTTPException(status_code=404, detail=f"image {image!r} not found in the datastore"[:200])
+        return uri, image
+
     def infer(self, request, datastore=None):
         model = request.get("model")
         if model not in self._infers:
             raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available: {sorted(self._infers)}")
-        image = request.get("image")
-        if isinstance(image, str):
-            ds = datastore if datastore else self.datastore()
-            if not os.path.exists(image) and not ds.get_image_uri(image):
-                if hasattr(ds, "sync"):
-                    ds.sync()
-                if not ds.get_image_uri(image):
-                    raise HTTPException(status_code=404, detail=f"image {image!r} not found in the datastore")
-            request = dict(request)
-            request["image_id"] = image
-        return super().infer(request, datastore)
+        datastore = datastore if datastore else self.datastore()
+        path, image_id = self._image_for_infer(request, datastore)
+        clean = {k: request[k] for k in (*CLIENT_KEYS, SERVER_KEY) if k in request}
+        clean.update(model=model, image=path, image_id=image_id)
+        return super().infer(clean, datastore)
 
     def next_sample(self, request):
         strategy = request.get("strategy") or "random"
@@ -138,4 +164,14 @@ class MyApp(MONAILabelApp):
             raise HTTPException(
                 status_code=404, detail=f"unknown strategy {strategy!r}; available: {sorted(self._strategies)}"
             )
-        return super().next_sample(request)
+        result = self.leases.pick(self._strategies[strategy], request, self.datastore(), session_owner(request))
+        if not result:
+            return {}
+        result["path"] = self._datastore.get_image_uri(result["id"])  # Slicer on the server's machine loads it directly
+        if self._auto_update_scoring:
+            self.async_scoring(None)
+        return result
+
+    def on_save_label(self, image_id, label_id):
+        self.leases.release(image_id)
+        return super().on_save_label(image_id, label_id)

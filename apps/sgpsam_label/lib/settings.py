@@ -25,15 +25,21 @@ CONF_HELP = {
     "preset": "network size: tiny | small | sam_med3d (default sam_med3d)",
     "sgpm": "true/false: Self-Gated Prompting Module on top of SAM-Med3D (default true)",
     "click_map": "true/false: dense click-map prompt (docs/method.md; default false; true for cpu_tiny-trained models)",
-    "refiner": "true/false: high-resolution mask refiner (docs/method.md; default false; true for cpu_tiny-trained models)",
+    "refiner": "true/false: high-resolution mask refiner (docs/method.md; default false; true for cpu_tiny models)",
     "multi_click": "true/false: decoder gets every click so far (SAM-Med3D --multi_click; true for cpu_tiny models)",
     "click_consistent": "true/false: masks agree with the clicks, clicked lesion only (docs/method.md; default true)",
     "device": "cpu | cuda | cuda:N (default cuda when available)",
-    "cache_mb": "embedding/volume LRU cap in MiB (default 2048)",
+    "cache_mb": "ONE memory budget in MiB for volumes, embeddings and click histories (default 2048)",
+    "max_sessions": "click sessions kept, least recently used dropped first (default 64)",
+    "session_idle_s": "a session idle this long is dropped; it keeps its start weights until then (default 900)",
+    "max_windows": "crop windows per lesion: main crop + large-lesion extensions (default 4)",
+    "max_objects": "lesions (crops) per click session (default 8)",
+    "max_clicks": "clicks per foreground/background list of one request (default 200)",
+    "sample_lease_s": "Next Sample: an image one client fetched is not given to another for this long (default 600)",
     "image_channel": "input channel of multi-channel images (default: images must have one channel)",
     "ct_clamp": "true/false: clamp intensities to [-1000, 1000] (CT; default false)",
     "spacing": "isotropic resampling in mm (default 1.5, what SAM-Med3D was trained with)",
-    "new_object_distance_mm": "foreground click farther than this from a lesion starts a new one (default 0.4*S*spacing)",
+    "new_object_distance_mm": "a foreground click this far from a lesion starts another (default 0.4*S*spacing)",
     "max_epochs": "default epochs of the train task (default 10)",
     "train_num_workers": "DataLoader workers in training (default 0 on CPU, 2 on GPU)",
     "uncertainty_candidates": "candidate clicks per image for the uncertainty score (default 4)",
@@ -75,6 +81,12 @@ class AppSettings:
     model_dir: str
     device: str
     cache_mb: int
+    max_sessions: int
+    session_idle_s: float
+    max_windows: int
+    max_objects: int
+    max_clicks: int
+    sample_lease_s: float
     image_channel: int | None
     ct_clamp: bool
     spacing: float
@@ -100,22 +112,32 @@ class AppSettings:
 
         return int(NET_PRESETS[self.preset]["img_size"])
 
-    def describe(self) -> dict[str, Any]:
-        return {
+    def describe(self, public: bool = False) -> dict[str, Any]:
+        """The settings; ``public=True`` (shown in ``/info``) names files without their server folders."""
+        checkpoint = self.checkpoint or "random-init"
+        out = {
             "preset": self.preset,
             "sgpm": self.sgpm,
             "click_map": self.click_map,
             "refiner": self.refiner,
             "click_consistent": self.click_consistent,
             "multi_click": self.multi_click,
-            "checkpoint": self.checkpoint or "random-init",
-            "model_dir": self.model_dir,
+            "checkpoint": os.path.basename(checkpoint) if public else checkpoint,
             "device": self.device,
             "cache_mb": self.cache_mb,
+            "max_sessions": self.max_sessions,
+            "session_idle_s": self.session_idle_s,
+            "max_windows": self.max_windows,
+            "max_objects": self.max_objects,
+            "max_clicks": self.max_clicks,
+            "sample_lease_s": self.sample_lease_s,
             "image_channel": self.image_channel,
             "ct_clamp": self.ct_clamp,
             "spacing": self.spacing,
         }
+        if not public:
+            out["model_dir"] = self.model_dir
+        return out
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any] | None, app_dir: str = APP_DIR) -> "AppSettings":
@@ -175,6 +197,12 @@ class AppSettings:
             model_dir=model_dir,
             device=device,
             cache_mb=_number(conf.get("cache_mb", 2048), "cache_mb", int, 1),
+            max_sessions=_number(conf.get("max_sessions", 64), "max_sessions", int, 1),
+            session_idle_s=_number(conf.get("session_idle_s", 900), "session_idle_s", float, 1),
+            max_windows=_number(conf.get("max_windows", 4), "max_windows", int, 1),
+            max_objects=_number(conf.get("max_objects", 8), "max_objects", int, 1),
+            max_clicks=_number(conf.get("max_clicks", 200), "max_clicks", int, 1),
+            sample_lease_s=_number(conf.get("sample_lease_s", 600), "sample_lease_s", float, 0),
             image_channel=channel,
             ct_clamp=_bool(conf.get("ct_clamp", "false"), "ct_clamp"),
             spacing=_number(conf.get("spacing", 1.5), "spacing", float, 0.01),

@@ -1,8 +1,9 @@
 """Interactive (point-prompt) inference: MONAI Label's ``BasicInferTask`` around the bundle's ``InteractiveSegmenter``.
 
 3D Slicer's MONAI Label plugin re-sends ALL clicks of a segment on every call and never sends the current mask, so
-the state lives server-side in the engine, one session per ``image id : label``. The engine caches the preprocessed
-volume and the image embeddings, so a repeat click on an image runs only the prompt encoder + mask decoder.
+the state lives server-side in the engine, one session per (image, segment name, client) -- see
+:mod:`lib.request` for how the client is told apart. The engine caches the preprocessed volume and the image
+embeddings, so a repeat click on an image runs only the prompt encoder + mask decoder.
 """
 
 from __future__ import annotations
@@ -10,23 +11,27 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import OrderedDict
 from typing import Any, Callable, Dict, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from fastapi import HTTPException
 from monai.data import MetaTensor
+from monai.transforms import LoadImage, SpatialCrop
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from scripts.checkpoint import CheckpointError
-from scripts.interactive import ClickError, InteractiveSegmenter
+from scripts.interactive import ClickError, InteractiveSegmenter, parse_click_list
 
 from ..model import LoadedModel, NetworkLoader
+from ..request import ClickRequest, click_request, inside_roi, parse_roi, unprocessable
 from ..settings import AppSettings
 
 logger = logging.getLogger(__name__)
 
-TRUE_STRINGS = ("1", "true", "yes", "on")
+MAX_ROI_MEMORY = 1024  # (session -> last ROI) entries remembered to spot an ROI change
 
 
 def one_line(err: BaseException) -> str:
@@ -34,28 +39,33 @@ def one_line(err: BaseException) -> str:
     return text.splitlines()[0][:500]
 
 
-def parse_flag(value: Any, name: str) -> bool:
-    if value is None:
-        return False
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in TRUE_STRINGS + ("0", "false", "no", "off", ""):
-        return value.strip().lower() in TRUE_STRINGS
-    raise HTTPException(status_code=422, detail=f"'{name}' must be true or false, got {value!r}")
+def file_shape(path: str) -> tuple[int, int, int]:
+    """Voxel grid of an image file from its header (the array shape MONAI's readers give, channel aside)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    return tuple(int(s) for s in reader.GetSize()[:3])
+
+
+def roi_loader(path: str, roi) -> Callable[[], MetaTensor]:
+    """Loads the ROI's part of the image (channel first, affine moved to the ROI's corner); called on a cache miss."""
+
+    def load() -> MetaTensor:
+        image = LoadImage(image_only=True, ensure_channel_first=True)(path)
+        return SpatialCrop(roi_start=[lo for lo, _ in roi], roi_end=[hi + 1 for _, hi in roi])(image)
+
+    return load
 
 
 class SGPSAMInfer(BasicInferTask):
     """Point-prompt 3D lesion segmentation (DeepGrow-type model for the Slicer plugin's point tools).
 
-    Request params (Slicer): ``label`` (must be one of ``labels``), ``foreground`` / ``background``: lists of
+    Request params (Slicer): ``label`` (the segment's name, any name), ``foreground`` / ``background``: lists of
     ``[i, j, k]`` voxel indices of the image FILE (array index after MONAI ``LoadImage``), ``reset_state``,
-    optional ``client_id``. Session (click history) key: ``"<image id>:<label>"`` (``@<client_id>`` appended when
-    the client sends one).
-    The returned label has the image's shape and affine; ``params`` carry the engine's per-call counters
-    (``encoder_runs``, ``decoder_runs``, ``cache_hits``, ``new_clicks``, ``undone_clicks``, ``objects``, ...) and the
-    ``model_version``.
+    optional ``roi`` ``[i0, i1, j0, j1, k0, k1]``, ``client_id``. The returned mask has the image's shape and
+    affine, value 1 under the segment's name (``label_names``); ``params`` carry the engine's per-call counters
+    (``encoder_runs``, ``decoder_runs``, ``cache_hits``, ``new_clicks``, ``undone_clicks``, ``objects``, ...), the
+    ``session`` and the ``model_version`` the session runs on.
     """
 
     def __init__(
@@ -66,7 +76,7 @@ class SGPSAMInfer(BasicInferTask):
         description: str = "SGP-SAM: click-based 3D lesion segmentation (SAM-Med3D + Self-Gated Prompting)",
     ) -> None:
         super().__init__(
-            path=[settings.checkpoint, settings.trained_model],  # the last existing one is current (MONAI Label rule)
+            path=[settings.checkpoint, settings.trained_model],
             network=None,
             type=InferType.DEEPGROW,
             labels=list(labels),
@@ -78,11 +88,13 @@ class SGPSAMInfer(BasicInferTask):
         self.loader = loader or NetworkLoader(settings)
         self._engine: InteractiveSegmenter | None = None
         self._engine_lock = threading.Lock()
+        self._rois: OrderedDict[tuple, Any] = OrderedDict()  # session key -> ROI of its last call
+        self._rois_lock = threading.Lock()
 
     # -- MONAI Label hooks --------------------------------------------------------------------------------------
     def info(self) -> Dict[str, Any]:
         out = super().info()
-        out["sgpsam"] = {**self.settings.describe(), "model_version": self.model_version()}
+        out["sgpsam"] = {**self.settings.describe(public=True), "model_version": self.model_version()}
         if self._engine is not None:
             out["sgpsam"]["engine_stats"] = dict(self._engine.stats)
         return out
@@ -91,10 +103,11 @@ class SGPSAMInfer(BasicInferTask):
         return True  # without any weights the task still runs (random init, loudly logged)
 
     def get_path(self, validate=True):
-        return self.loader.path()
+        # validate=False is where MONAI Label writes an uploaded model: never the user's --conf checkpoint
+        return self.loader.path() if validate else self.settings.trained_model
 
     def clear_cache(self):
-        pass  # the engine's LRU is invalidated through set_network when the weights change
+        pass  # the engine's LRU follows the weights' version
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
         return []  # the engine loads and preprocesses (cached per image), see run_inferer
@@ -105,13 +118,23 @@ class SGPSAMInfer(BasicInferTask):
     def _get_network(self, device, data):
         return self.model().network
 
+    def __call__(self, request, callbacks=None):
+        result_file, result = super().__call__(request, callbacks)
+        if result.get("label"):
+            result["label_names"] = {result["label"]: 1}  # the plugin imports value 1 as this segment
+        return result_file, result
+
+    def writer(self, data: Dict[str, Any], extension=None, dtype=None):
+        data["result_write_to_file"] = True
+        return super().writer(data, extension=data.get("result_extension"), dtype="uint8")
+
     # -- model / engine -----------------------------------------------------------------------------------------
     def model_version(self) -> str:
         current = self.loader.current
         return current.version if current is not None else self.loader.key()
 
     def model(self) -> LoadedModel:
-        """The current weights; reloads when the model file's mtime changes and drops the engine's embedding cache."""
+        """The current weights; reloads when the model file changes (sessions keep the weights they started on)."""
         try:
             loaded = self.loader.get()
         except CheckpointError as err:
@@ -128,11 +151,14 @@ class SGPSAMInfer(BasicInferTask):
                     cache_max_bytes=s.cache_mb * 1024**2,
                     model_version=loaded.version,
                     new_object_distance_mm=s.new_object_distance_mm,
+                    max_extra_windows=s.max_windows - 1,
+                    max_sessions=s.max_sessions,
+                    max_objects=s.max_objects,
+                    session_idle_s=s.session_idle_s,
+                    keep_session_weights=True,  # a weight swap mid-annotation must not change a session's masks
                 )
             elif self._engine.model_version != loaded.version or self._engine.network is not loaded.network:
-                logger.info(
-                    "SGP-SAM: model changed (%s -> %s); cache invalidated", self._engine.model_version, loaded.version
-                )
+                logger.info("SGP-SAM: model changed (%s -> %s)", self._engine.model_version, loaded.version)
                 self._engine.set_network(loaded.network, loaded.version)
         return loaded
 
@@ -142,43 +168,84 @@ class SGPSAMInfer(BasicInferTask):
         return self._engine
 
     # -- request -> engine ----------------------------------------------------------------------------------------
-    def _label(self, data: Dict[str, Any]) -> str:
-        label = data.get("label")
-        if label is None or label == "":
-            return self.labels[0]  # a single-label model: a missing label means that label
-        if not isinstance(label, str) or label not in self.labels:
-            raise HTTPException(status_code=422, detail=f"unknown label {label!r}; this model segments: {self.labels}")
-        return label
+    def _roi_changed(self, key: tuple, roi) -> bool:
+        """True when this session's ROI differs from its last call's (a new ROI starts the session over)."""
+        with self._rois_lock:
+            changed = key in self._rois and self._rois[key] != roi
+            self._rois[key] = roi
+            self._rois.move_to_end(key)
+            while len(self._rois) > MAX_ROI_MEMORY:
+                self._rois.popitem(last=False)
+        return changed
+
+    def _clicks(self, data: Dict[str, Any], roi) -> tuple[list, list, int]:
+        """Checked click lists; with an ROI, clicks outside it are dropped (counted) and the rest moved into it."""
+        try:
+            fg = parse_click_list(data.get("foreground"), "foreground")
+            bg = parse_click_list(data.get("background"), "background")
+        except ClickError as err:
+            raise unprocessable(one_line(err)) from None
+        if roi is None:
+            return fg, bg, 0
+        keep_fg = [p for p in fg if inside_roi(p, roi)]
+        keep_bg = [p for p in bg if inside_roi(p, roi)]
+        shift = np.asarray([lo for lo, _ in roi], dtype=np.float64)
+        moved = [[(np.asarray(p) - shift).tolist() for p in points] for points in (keep_fg, keep_bg)]
+        return moved[0], moved[1], len(fg) + len(bg) - len(keep_fg) - len(keep_bg)
 
     def run_inferer(self, data: Dict[str, Any], convert_to_batch=True, device="cuda"):
         image = data.get(self.input_key)
-        if not isinstance(image, str) or not image or not os.path.exists(image):
-            shown = data.get("image_id") or image
-            raise HTTPException(status_code=404, detail=f"image {shown!r} not found in the datastore")
-        label = self._label(data)
-        reset = parse_flag(data.get("reset_state"), "reset_state")
-        image_id = str(data.get("image_id") or image)
-        session_key = f"{image_id}:{label}"
-        if data.get("client_id"):  # two annotators on one image keep separate click histories
-            session_key += f"@{data['client_id']}"
-        cache_key = f"{image}@{os.stat(image).st_mtime_ns}"  # new content under the same name = new cache entry
+        if not isinstance(image, str) or not os.path.isfile(image):
+            raise HTTPException(status_code=404, detail=f"image {data.get('image_id') or image!r} not found")
+        req = click_request(data, self.labels[0], self.settings.max_clicks)
+        roi = parse_roi(data.get("roi"), file_shape(image)) if data.get("roi") not in (None, "", []) else None
+        fg, bg, dropped = self._clicks(data, roi)
+        reset = req.reset or self._roi_changed(req.session_key, roi)
         loaded = self.model()
+        cache_key = f"{image}@{os.stat(image).st_mtime_ns}"  # new content under the same name = new cache entry
         try:
-            result = self._engine.segment(
-                cache_key, image, data.get("foreground"), data.get("background"), session_key=session_key, reset=reset
-            )
+            if not fg and not bg:
+                mask, affine, info = self._empty(req, cache_key, image)
+            elif roi is None:
+                result = self._engine.segment(cache_key, image, fg, bg, session_key=req.session_key, reset=reset)
+                mask, affine, info = result.mask, result.affine, result.info
+            else:
+                mask, affine, info = self._segment_roi(req, cache_key, image, roi, fg, bg, reset)
         except (ClickError, ValueError) as err:
-            raise HTTPException(status_code=422, detail=one_line(err)) from None
+            raise unprocessable(one_line(err)) from None
         except FileNotFoundError as err:
             raise HTTPException(status_code=404, detail=one_line(err)) from None
 
-        affine = torch.as_tensor(result.affine, dtype=torch.float64)
-        data[self.output_label_key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(result.mask)), affine=affine)
+        data["result_extension"] = req.extension
+        tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))
+        data[self.output_label_key] = MetaTensor(tensor, affine=torch.as_tensor(affine, dtype=torch.float64))
         data[self.output_json_key] = {
-            **result.info,
-            "label": label,
-            "session": session_key,
-            "model_version": loaded.version,
+            **info,
+            "label": req.segment,
+            "session": req.describe(),
+            "roi": [list(pair) for pair in roi] if roi else None,
+            "ignored_clicks": dropped,
+            "model_version": info.get("model_version", loaded.version),
             "engine_stats": dict(self._engine.stats),
         }
         return data
+
+    def _empty(self, req: ClickRequest, cache_key: str, image: str):
+        """No clicks (all points deleted, or only an ROI): an empty mask, and the session starts over."""
+        self._engine.clear_session(req.session_key)
+        shape, affine = self._engine.image_geometry(cache_key, image)
+        info = {"new_clicks": 0, "objects": 0, "windows": 0, "reset": True, "empty": True}
+        return np.zeros(shape, dtype=np.uint8), affine, info
+
+    def _segment_roi(self, req: ClickRequest, cache_key: str, image: str, roi, fg, bg, reset: bool):
+        """Segment the ROI's part of the image as an image of its own, then put the mask back in the full grid."""
+        box = "_".join(f"{lo}-{hi}" for lo, hi in roi)
+        sub = self._engine.segment(
+            f"{cache_key}#roi{box}", roi_loader(image, roi), fg, bg, session_key=req.session_key, reset=reset
+        )
+        shape = file_shape(image)
+        mask = np.zeros(shape, dtype=np.uint8)
+        mask[tuple(slice(lo, hi + 1) for lo, hi in roi)] = sub.mask
+        to_corner = np.eye(4)
+        to_corner[:3, 3] = [-lo for lo, _ in roi]
+        return mask, np.asarray(sub.affine, dtype=np.float64) @ to_corner, sub.info

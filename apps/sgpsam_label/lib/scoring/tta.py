@@ -32,10 +32,27 @@ class TTAUncertaintyScoring(ScoringMethod):
         self.loader = loader
         self.key = key
 
+    @staticmethod
+    def check_request(params):
+        """``max_samples`` (integer >= 0) and ``force`` (boolean); ValueError names a bad value, others are dropped."""
+        out = {}
+        samples = params.get("max_samples")
+        if samples is not None:
+            if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+                raise ValueError(f"max_samples must be an integer >= 0, got {samples!r}"[:200])
+            out["max_samples"] = samples
+        force = params.get("force")
+        if force is not None:
+            if not isinstance(force, bool):
+                raise ValueError(f"force must be true or false, got {force!r}"[:200])
+            out["force"] = force
+        return out
+
     def __call__(self, request, datastore: Datastore):
+        request = {**request, **self.check_request(request)}
         loaded = self.loader.get()
         images = datastore.get_unlabeled_images()
-        force = str(request.get("force", "false")).lower() in ("1", "true", "yes")
+        force = request.get("force") is True
         todo = []
         for image_id in sorted(images):
             previous = datastore.get_image_info(image_id).get(self.key)

@@ -4,43 +4,47 @@ MONAI Label's ``BundleTrainTask`` fits: it runs ``monai.bundle`` run id ``run`` 
 overrides, and MONAI Label already runs every train request in a subprocess (``AsyncTask``), so the server keeps
 answering clicks meanwhile. What this subclass changes:
 
+* the request is checked (:meth:`SGPSAMTrain.check_request`; the server answers 422 before any subprocess starts)
+  and only known keys pass: no client can pick another run id, experiment tracking or multi-GPU;
+* ``device``: the Slicer plugin sends the GPU's NAME (MONAI Label's ``device_list()``); it is mapped to
+  ``cuda``/``cuda:N`` with ``device_map()``, ``cpu`` stays, anything else falls back to ``--conf device``;
 * the start weights go through the bundle's ``pretrained_ckpt`` (``scripts.checkpoint.load_weights``: weights-only,
-  SAM-Med3D ``.pth`` files with their ``argparse.Namespace`` accepted, strict on the backbone) instead of the
-  ``CheckpointLoader`` that ``BundleTrainTask`` inserts (full unpickling, ``strict=False``: a wrapped
-  ``model_state_dict`` would silently load nothing);
-* start = the CURRENT model: the last fine-tuned ``model_dir/model.pt`` if any, else ``--conf checkpoint``;
-* outputs (``ckpt_dir``: ``model.pt``, ``checkpoint_epoch=N.pt``; ``output_dir``: TensorBoard) go to the app's
-  ``model_dir``, never into the bundle folder;
+  SAM-Med3D ``.pth`` files accepted, strict on the backbone) instead of the ``CheckpointLoader`` that
+  ``BundleTrainTask`` inserts (full unpickling, ``strict=False``); start = the CURRENT model;
+* the run writes into ``model_dir/train_run`` and each new best ``model.pt`` is published atomically to
+  ``model_dir/model.pt``, with ``train_stats.json`` written at start, after every epoch and at the end
+  (:mod:`lib.trainers.progress`); a killed run leaves the served model as it was and is reported
+  ``INTERRUPTED``; the next run starts cleanly from the served model;
 * the labels replace ``train_datalist`` / ``val_datalist`` (so the bundle's synthetic dataset is never generated)
   and the network/preprocessing ids follow the app's ``--conf`` (preset, sgpm, spacing, channel, CT clamp);
 * with fewer than ``min_val_split_cases`` labelled images the same images are used for validation (the bundle only
-  writes ``model.pt`` from the validation key metric);
-* ``stats()`` (shown in ``/info`` as ``train_stats``) reads ``model_dir/train_stats.json``, written at the end of
-  each run from the trainer's and evaluator's ignite state.
+  writes ``model.pt`` from the validation key metric).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-import time
-from datetime import datetime, timedelta
+import re
+import shutil
 from typing import Any, Dict
 
+import torch
 from monai.bundle.scripts import create_workflow
 from monai.data import partition_dataset
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.bundle import BundleConstants, BundleTrainTask
-from monailabel.utils.others.generic import device_list
+from monailabel.utils.others.generic import device_list, device_map
 
-from ..model import RANDOM_VERSION, NetworkLoader, file_version
+from ..model import RANDOM_VERSION, NetworkLoader
 from ..settings import APP_DIR, AppSettings
+from .progress import TrainProgress, read_stats
 
 logger = logging.getLogger(__name__)
 
 FALLBACK_METADATA = os.path.join(APP_DIR, "lib", "trainers", "bundle_metadata.json")
+STAGING_DIR = "train_run"
+MAX_EPOCHS_LIMIT = 100000
 
 
 class SGPSAMBundleConstants(BundleConstants):
@@ -54,12 +58,53 @@ class SGPSAMBundleConstants(BundleConstants):
         return self._metadata_path  # absolute: os.path.join(bundle, "configs", <abs>) == <abs>
 
 
-def _float(value: Any) -> float | None:
+def resolve_device(value: Any, default: str) -> str:
+    """The train device from a request: ``cpu``, ``cuda[:N]`` or a GPU name as the Slicer plugin sends it."""
+    if value is None or value == "" or value == []:
+        return default
+    if isinstance(value, (list, tuple)):
+        value = value[0]
+    if not isinstance(value, str):
+        raise ValueError(f"device must be a name such as 'cpu' or 'cuda:0', got {value!r}"[:200])
+    name = value.strip()
+    mapped = device_map().get(name)
+    if mapped:
+        return mapped
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if match and torch.cuda.is_available() and int(match.group(1) or 0) < torch.cuda.device_count():
+        return name
+    logger.warning(f"train device {name!r} is not on this server; using {default}")
+    return default
+
+
+def _int(value: Any, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{name} must be an integer, got {value!r}"[:200])
     try:
-        out = float(value.item() if hasattr(value, "item") else value)
+        out = int(value) if not isinstance(value, float) or value.is_integer() else None
+    except ValueError:
+        out = None
+    if out is None or not low <= out <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}"[:200])
+    return out
+
+
+def _fraction(value: Any, name: str, high: float) -> float:
+    try:
+        out = float(value) if not isinstance(value, bool) else None
     except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
+        out = None
+    if out is None or not 0.0 <= out <= high:
+        raise ValueError(f"{name} must be a number in [0, {high}], got {value!r}"[:200])
+    return out
+
+
+def _bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise ValueError(f"{name} must be true or false, got {value!r}"[:200])
 
 
 class SGPSAMTrain(BundleTrainTask):
@@ -83,23 +128,32 @@ class SGPSAMTrain(BundleTrainTask):
             "pretrained": True,  # start from the current model (else: --conf checkpoint / random init)
             "max_epochs": self.settings.max_epochs,
             "val_split": 0.2,
-            "multi_gpu": False,
-            "gpus": "all",
-            "run_id": "run",
         }
 
     def stats(self) -> Dict[str, Any]:
-        try:
-            with open(self.settings.train_stats_path) as fh:
-                return json.load(fh)
-        except (OSError, ValueError):
-            return {}
+        return read_stats(self.settings.train_stats_path)
+
+    def check_request(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        """The known request keys, checked (ValueError with a reason); other keys are dropped."""
+        out: Dict[str, Any] = {}
+        if params.get("max_epochs") is not None:
+            out["max_epochs"] = _int(params["max_epochs"], "max_epochs", 1, MAX_EPOCHS_LIMIT)
+        if params.get("val_split") is not None:
+            out["val_split"] = _fraction(params["val_split"], "val_split", 0.9)
+        if params.get("pretrained") is not None:
+            out["pretrained"] = _bool(params["pretrained"], "pretrained")
+        if params.get("device") not in (None, "", []):
+            out["device"] = resolve_device(params["device"], self.settings.device)
+        dropped = sorted(set(params) - set(out) - {"device", "client_id", "model", "gpus", "multi_gpu"})
+        if dropped:
+            logger.info(f"train request: ignored keys {dropped}")
+        return out
 
     def __call__(self, request, datastore: Datastore):
         req = {k: v for k, v in self.config().items() if k != "device"}
-        req["device"] = self.settings.device
-        req.update({k: v for k, v in request.items() if v is not None and v != ""})
-        req["multi_gpu"] = False  # the bundle has no multi-GPU config
+        req.update(self.check_request(request))
+        req.setdefault("device", self.settings.device)
+        req.update(model=request.get("model"), multi_gpu=False, run_id="run", tracking="none", gpus="all")
         if not datastore.datalist():
             raise ValueError("no final labels in the datastore: save at least one label before training")
         return super().__call__(req, datastore)
@@ -139,88 +193,47 @@ class SGPSAMTrain(BundleTrainTask):
                 "resume": False,
                 "preset": s.preset,
                 "sgpm": s.sgpm,
-                "click_map": s.click_map,
-                "refiner": s.refiner,
-                "click_consistent": s.click_consistent,
-                "multi_click": s.multi_click,
+                "network_def#click_map": s.click_map,
+                "network_def#refiner": s.refiner,
+                "network_def#click_consistent": s.click_consistent,
+                "network_def#multi_click": s.multi_click,
                 "roi_size": s.roi_size,
                 "spacing": s.spacing,
                 "image_channel": s.image_channel,
                 "ct_clamp": s.ct_clamp,
                 "target_label": None,  # any non-zero label voxel is lesion (Slicer writes 1 for "lesion")
-                "ckpt_dir": s.model_dir,
+                "ckpt_dir": os.path.join(s.model_dir, STAGING_DIR),
                 "output_dir": os.path.join(s.model_dir, "runs"),
                 "num_workers": s.train_num_workers,
             }
         )
-        self._run_info = {"num_train": len(train), "num_val": len(val), "max_epochs": epochs}
+        self._run_info = {"num_train": len(train), "num_val": len(val), "total_epochs": epochs}
         return overrides
 
     def run_single_gpu(self, request, overrides):
         s = self.settings
-        os.makedirs(s.model_dir, exist_ok=True)
-        before = file_version(s.trained_model) if os.path.isfile(s.trained_model) else None
-        start = time.time()
-        stats: Dict[str, Any] = {
-            "status": "RUNNING",
-            "start_ts": int(start),
-            "start_time": datetime.fromtimestamp(start).strftime("%Y-%m-%d %H:%M:%S"),
+        staging = os.path.join(s.model_dir, STAGING_DIR)
+        shutil.rmtree(staging, ignore_errors=True)  # whatever a killed run left half-written
+        os.makedirs(staging, exist_ok=True)
+        info = {
             "preset": s.preset,
             "sgpm": s.sgpm,
             "device": str(overrides.get("device")),
-            "pretrained": self._pretrained,
+            "pretrained": os.path.basename(self._pretrained) if self._pretrained else None,
             **getattr(self, "_run_info", {}),
         }
+        progress = TrainProgress(s.train_stats_path, os.path.join(staging, "model.pt"), s.trained_model, info)
+        progress.write()
         try:
             workflow = create_workflow(
-                config_file=self.bundle_config_path,
-                meta_file=self._metadata_file,
-                run_id=request.get("run_id") or "run",
-                **overrides,
+                config_file=self.bundle_config_path, meta_file=self._metadata_file, run_id="run", **overrides
             )
+            parsed = workflow.parser.get_parsed_content
+            progress.attach(parsed("train#trainer"), parsed("validate#evaluator"))
             workflow.run()
-            stats.update(self._engine_stats(workflow))
             workflow.finalize()
-            stats["status"] = "DONE"
         except BaseException as err:
-            stats.update(status="ERROR", error=(str(err).splitlines() or [type(err).__name__])[0][:500])
+            progress.finish(err)
             raise
-        finally:
-            stats["total_time"] = str(timedelta(seconds=round(time.time() - start)))
-            stats["total_time_s"] = round(time.time() - start, 2)
-            after = file_version(s.trained_model) if os.path.isfile(s.trained_model) else None
-            stats["model"] = s.trained_model if after else None
-            stats["model_version"] = after
-            stats["model_updated"] = after is not None and after != before
-            self._write_stats(stats)
+        stats = progress.finish()
         logger.info(f"SGP-SAM training finished: {stats}")
-
-    @staticmethod
-    def _engine_stats(workflow) -> Dict[str, Any]:
-        out: Dict[str, Any] = {}
-        try:
-            trainer = workflow.parser.get_parsed_content("train#trainer")
-            state = trainer.state
-            out["epochs"] = int(state.epoch)
-            out["iterations"] = int(state.iteration)
-            output = state.output[0] if isinstance(state.output, (list, tuple)) and state.output else state.output
-            out["train_loss"] = _float(output.get("loss")) if isinstance(output, dict) else None  # last iteration
-        except Exception as err:  # stats are best effort; the model file is what matters
-            logger.warning(f"train stats unavailable: {err}")
-        try:
-            evaluator = workflow.parser.get_parsed_content("validate#evaluator")
-            state = evaluator.state
-            out["metrics"] = {k: _float(v) for k, v in (state.metrics or {}).items()}
-            out["best_metric"] = _float(state.best_metric)
-            out["best_metric_epoch"] = int(state.best_metric_epoch)
-            out["key_metric"] = getattr(evaluator, "key_metric_name", None) or next(iter(out["metrics"]), None)
-        except Exception as err:
-            logger.warning(f"validation stats unavailable: {err}")
-        return out
-
-    def _write_stats(self, stats: Dict[str, Any]) -> None:
-        path = self.settings.train_stats_path
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(stats, fh, indent=2, default=str)
-        os.replace(tmp, path)
