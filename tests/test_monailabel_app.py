@@ -4,7 +4,7 @@ The server runs as a subprocess (``monailabel start_server``) on 127.0.0.1 with 
 real MR cases (NRRD) and one synthetic NIfTI case, and HTTP(S) proxies pointing at a dead port so that anything
 reaching for the internet at start-up would fail.
 
-Weights: ``lib/testing.make_cube_checkpoint`` (the app's helper, built in the fixture in < 1 s, no training) sets a
+Weights: ``app_testing.make_cube_checkpoint`` (a test helper, built in the fixture in < 1 s, no training) sets a
 tiny SGP-SAM by hand so that its output does not depend on the image and is a 16^3-voxel cube of positive logits
 at the CENTRE of the input crop. Since the engine centres the crop of a new lesion on its first click, the mask is
 a ~24 mm cube around the click: a model that "segments something around a click", deterministic and cheap, so the
@@ -16,29 +16,20 @@ still reached only Dice 0.5.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import threading
-import time
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import requests
 import torch
+from app_testing import APP_DIR, MODEL, AppServer, make_cube_checkpoint
 from monai.transforms import LoadImage
-from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 from scipy.ndimage import distance_transform_edt
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-APP_DIR = REPO_ROOT / "apps" / "sgpsam_label"
-MODEL = "sgpsam"
 START_TIMEOUT_S = 150
 TRAIN_TIMEOUT_S = 240
 
@@ -48,12 +39,6 @@ pytestmark = pytest.mark.timeout(900)
 # ----------------------------------------------------------------------------------------------------------------
 # fixtures
 # ----------------------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def load(path) -> tuple[np.ndarray, np.ndarray]:
     img = LoadImage(image_only=True)(str(path))
     return np.asarray(img), np.asarray(img.affine, dtype=np.float64)
@@ -64,21 +49,6 @@ def deepest_voxel(label_path) -> list[int]:
     label, _ = load(label_path)
     dist = distance_transform_edt(label > 0)
     return [int(v) for v in np.unravel_index(int(np.argmax(dist)), dist.shape)]
-
-
-class Server:
-    def __init__(self, root: Path, url: str, proc: subprocess.Popen, log: Path, model_dir: Path):
-        self.root, self.url, self.proc, self.log, self.model_dir = root, url, proc, log, model_dir
-        self.shared: dict = {}
-
-    def tail(self, n: int = 60) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def client(self) -> MONAILabelClient:
-        return MONAILabelClient(self.url, tmpdir=str(self.root / "client"))
 
 
 @pytest.fixture(scope="module")
@@ -95,89 +65,38 @@ def server(tmp_path_factory, real_data_dir):
     nib.save(nib.Nifti1Image(label, affine), root / "synth_label.nii.gz")
     ckpt = root / "cube_tiny.pt"
     make_cube_checkpoint(ckpt)
-    model_dir = root / "model"
-    (root / "client").mkdir()
-
-    port = free_port()
-    cli = Path(sys.executable).parent / "monailabel"
-    cmd = [str(cli)] if cli.exists() else [sys.executable, "-m", "monailabel.main"]
-    cmd += ["start_server", "--app", str(APP_DIR), "--studies", str(studies), "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--conf", "preset", "tiny", "--conf", "checkpoint", str(ckpt)]
-    cmd += ["--conf", "model_dir", str(model_dir), "--conf", "max_epochs", "1"]
-    dead = "http://127.0.0.1:9"  # offline: any attempt to reach the internet fails fast
-    env = {
-        **os.environ,
-        "MONAILABEL_PYEXE": sys.executable,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "MONAI_LABEL_SESSION_PATH": str(root / "sessions"),
-        "HTTP_PROXY": dead,
-        "HTTPS_PROXY": dead,
-        "http_proxy": dead,
-        "https_proxy": dead,
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
-        "PYTHONUNBUFFERED": "1",
-    }
-    log = root / "server.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    srv = Server(root, f"http://127.0.0.1:{port}", proc, log, model_dir)
+    conf = {"preset": "tiny", "checkpoint": ckpt, "model_dir": root / "model", "max_epochs": 1}
     try:
-        deadline = time.time() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{srv.tail()}")
-            try:
-                if requests.get(f"{srv.url}/info/", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"server not answering /info after {START_TIMEOUT_S} s:\n{srv.tail()}")
-            time.sleep(1)
-        yield srv
-    finally:
-        # the server and its scoring/training subprocesses share the session we started: end exactly that group
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=10)
+        srv = AppServer(root, studies, conf, timeout=START_TIMEOUT_S)
+    except RuntimeError as err:
+        pytest.fail(str(err))
+    srv.model_dir, srv.shared = root / "model", {}
+    yield srv
+    srv.stop()
 
 
-def infer(srv: Server, image: str, params: dict, client: MONAILabelClient | None = None):
+def infer(srv: AppServer, image: str, params: dict, client=None):
     client = client or srv.client()
     label_file, out = client.infer(MODEL, image, {"label": "lesion", **params})
     return label_file, out
 
 
-def raw_infer(srv: Server, image: str, params_text: str, model: str = MODEL) -> requests.Response:
+def raw_infer(srv: AppServer, image: str, params_text: str, model: str = MODEL) -> requests.Response:
     return requests.post(f"{srv.url}/infer/{model}", params={"image": image}, files={"params": (None, params_text)})
 
 
-def wait_idle(srv: Server, kind: str, timeout: float = 120) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        response = requests.get(f"{srv.url}/{kind}/", timeout=10)
-        if response.status_code == 404:  # no task ever ran
-            return {}
-        status = response.json()
-        if status.get("status") not in ("SUBMITTED", "RUNNING"):
-            return status
-        time.sleep(1)
-    pytest.fail(f"{kind} still running after {timeout} s:\n{srv.tail()}")
+def wait_idle(srv: AppServer, kind: str, timeout: float = 120) -> dict:
+    try:
+        return srv.wait_idle(kind, timeout)
+    except TimeoutError as err:
+        pytest.fail(str(err))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # tests (module order matters: they share one server)
 # ----------------------------------------------------------------------------------------------------------------
-sys.path.insert(0, str(APP_DIR))  # the app's own helpers (``lib``), imported as the server imports them
+sys.path.insert(0, str(APP_DIR))  # the app's own modules (``lib``), imported as the server imports them
 from lib.scoring import uncertainty as unc  # noqa: E402
-from lib.testing import make_cube_checkpoint  # noqa: E402
 
 sys.path.remove(str(APP_DIR))  # keep the app's generic top-level names (main, lib) off other tests' path
 
@@ -276,8 +195,8 @@ def test_undo_and_reset(server):
         (json.dumps({"label": "lesion", "foreground": [1, 2, 3]}), 422, "not a list of 3 numbers"),
         (json.dumps({"label": "lesion", "foreground": [[1, 2]]}), 422, "not a list of 3 numbers"),
         (json.dumps({"label": "lesion", "foreground": [[float("nan"), 2, 3]]}), 422, "non-finite"),
-        (json.dumps({"label": "lesion", "foreground": [], "background": []}), 422, "no clicks"),
-        (json.dumps({"label": "liver", "foreground": [[10, 10, 5]]}), 422, "unknown label"),
+        (json.dumps({"label": ["lesion"], "foreground": [[10, 10, 5]]}), 422, "must be a string"),
+        (json.dumps({"label": "lesion", "foreground": [[10, 10, 5]], "roi": [1, 2]}), 422, "roi must be 6"),
         (json.dumps({"label": "lesion", "foreground": [[10, 10, 5]], "reset_state": "maybe"}), 422, "reset_state"),
     ],
 )
@@ -330,7 +249,7 @@ def test_concurrent_clicks_on_two_images(server, real_data_dir):
         mask, affine = load(label_file)
         assert mask.shape == ref.shape and mask[tuple(click)] == 1
         np.testing.assert_allclose(affine, ref_affine, atol=1e-4)
-        assert params["session"] == f"{image}:lesion"
+        assert params["session"]["image"] == image and params["session"]["segment"] == "lesion"
     assert requests.get(f"{server.url}/info/", timeout=10).status_code == 200
 
 
@@ -386,15 +305,18 @@ def test_train_then_model_reloads(server):
     status = wait_idle(server, "train", TRAIN_TIMEOUT_S)
     assert status.get("status") == "DONE", f"{status}\n{server.tail(80)}"
     stats = client.info()["train_stats"][MODEL]
-    assert stats["status"] == "DONE" and stats["epochs"] == 1 and stats["num_train"] == 2
+    assert stats["status"] == "DONE" and stats["epoch"] == 1 and stats["num_train"] == 2
     assert stats["model_updated"] is True and stats["pretrained"].endswith("cube_tiny.pt")
     assert stats["best_metric"] is not None and stats["train_loss"] is not None
     assert (server.model_dir / "model.pt").is_file()
 
-    click = server.shared["brain2"]["click"]
-    _, params = infer(server, "brain1", {"foreground": [[128, 128, 12]], "background": []})
+    # a new session runs on the new weights; the brain2 session started before training keeps its weights
+    _, params = infer(server, "brain1", {"foreground": [[128, 128, 12]], "background": [], "reset_state": True})
     assert params["model_version"].startswith("model.pt@") and params["model_version"] == stats["model_version"]
-    assert params["model_version"] != server.shared["brain2"]["version"]
-    _, params = infer(server, "brain2", {"foreground": [click], "background": []})
-    assert params["encoder_runs"] >= 1  # the embedding cache was invalidated with the old weights
     assert client.info()["models"][MODEL]["sgpsam"]["model_version"] == stats["model_version"]
+    click = server.shared["brain2"]["click"]
+    _, params = infer(server, "brain2", {"foreground": [click, [click[0] + 1, click[1], click[2]]], "background": []})
+    assert params["model_version"] == server.shared["brain2"]["version"], "a running session must keep its weights"
+    assert params["encoder_runs"] == 0 and params["new_clicks"] == 1
+    _, params = infer(server, "brain2", {"foreground": [click], "background": [], "reset_state": True})
+    assert params["model_version"] == stats["model_version"] and params["encoder_runs"] >= 1  # new embedding
