@@ -24,8 +24,8 @@ and ``runs/<method>/seed<k>/`` (checkpoints, logs, per-lesion CSVs).
 
 CLI (repository root, after ``source tools/env.sh``; or ``experiments/run_transfer_study.sh``)::
 
-    python -m experiments.transfer_study                                           # full: 7 methods x 3 seeds
-    python -m experiments.transfer_study --budget smoke --output_dir bundle/runs/study_smoke    # plumbing check, under 2 minutes
+    python -m experiments.transfer_study                                                   # full: 7 methods x 3 seeds
+    python -m experiments.transfer_study --budget smoke --output_dir bundle/runs/study_smoke  # plumbing check, < 2 min
 
 The default ``--output_dir`` is ``bundle/runs/transfer_study`` (git-ignored).
 """
@@ -36,135 +36,37 @@ import argparse
 import concurrent.futures
 import contextlib
 import json
-import math
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from scripts import BUNDLE_ROOT
 
-REPO_ROOT = Path(BUNDLE_ROOT).parent
-TRAIN_JSON = Path(BUNDLE_ROOT) / "configs" / "train.json"
-EVALUATE_JSON = Path(BUNDLE_ROOT) / "configs" / "evaluate.json"
-CPU_TINY_JSON = REPO_ROOT / "configs" / "cpu_tiny.json"
+from .transfer_report import aggregate, format_tables, hardware_description, plot_curves
+from .transfer_setup import (
+    BUDGETS,
+    EVALUATE_JSON,
+    METHODS,
+    NO_TRANSFER,
+    PRETRAIN_METHOD,
+    StudyPlan,
+    method_configs,
+    network_overrides,
+    prepare_datasets,
+    real_cases,
+)
 
-# method id -> (table name, preset in configs/)
-METHODS: dict[str, tuple[str, str]] = {
-    "full_finetune": ("Full fine-tuning", "method_full_finetune.json"),
-    "decoder_only": ("Decoder-only (frozen encoder)", "method_decoder_only.json"),
-    "sgp_sam": ("SGP-SAM (SGPM + Zoom Loss)", "method_sgp_sam.json"),
-    "sgp_sam_no_gate": ("SGP-SAM, SGPM without gate", "method_sgp_sam_no_gate.json"),
-    "sgp_sam_dice_ce": ("SGP-SAM, Dice+CE instead of Zoom Loss", "method_sgp_sam_dice_ce.json"),
-    "ma_sam": ("MA-SAM (3D adapters + FacT)", "method_ma_sam.json"),
-    "tags": ("TAGS (anatomy + semantic prompts)", "method_tags.json"),
-}
-PRETRAIN_METHOD = "full_finetune"  # stage 1 trains the whole plain backbone
-NO_TRANSFER = "pretrained_only"
-REFERENCE_METHOD = "full_finetune"  # the paper's baseline, for the noise comparison
-PRETRAIN_DATA_SEED = 1000  # stage-1 cases are drawn apart from the lesion splits
-DICE_KS = (1, 3, 5, 10)
-NOC_KEYS = ("noc@85", "noc@90")
-SIZE_BINS = ("<10mm", "10-30mm", ">30mm")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Everything that sets the study's cost; every method gets the same."""
-
-    num_train: int  # stage-2 lesion cases (one validation case is generated but not used)
-    num_test: int
-    num_pretrain: int  # stage-1 organ cases
-    shape: tuple[int, int, int]  # synthetic voxel grid
-    pretrain_iterations: int
-    iterations: int  # stage-2 iterations per method and seed
-    batch_size: int
-    num_rounds: int  # simulated click rounds per training step
-    max_clicks: int  # evaluation clicks per lesion (NoC cap)
-    seeds: int
-    latency_clicks: int
-
-
-BUDGETS = {
-    # Plumbing check (tests): every stage, method and evaluation runs, on a few tiny cases.
-    "smoke": Budget(
-        num_train=2,
-        num_test=1,
-        num_pretrain=2,
-        shape=(64, 64, 20),
-        pretrain_iterations=2,
-        iterations=2,
-        batch_size=1,
-        num_rounds=2,
-        max_clicks=10,
-        seeds=1,
-        latency_clicks=5,
-    ),
-    # Sized for a 2-core CPU: about 35 minutes for 7 methods x 3 seeds (docs/transfer_study.md, "Cost").
-    "full": Budget(
-        num_train=24,
-        num_test=8,
-        num_pretrain=24,
-        shape=(128, 128, 40),
-        pretrain_iterations=400,
-        iterations=100,
-        batch_size=2,
-        num_rounds=6,
-        max_clicks=20,
-        seeds=3,
-        latency_clicks=20,
-    ),
-}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------------------------
-def real_cases(data_dir: str | os.PathLike | None = None) -> list[dict[str, str]]:
-    """``*_image.nrrd`` / ``*_label.nrrd`` pairs in ``data_dir`` (default ``tests/data``: brain1, brain2, breast1)."""
-    root = Path(data_dir or REPO_ROOT / "tests" / "data")
-    items = []
-    for image in sorted(root.glob("*_image.nrrd")):
-        label = image.with_name(image.name.replace("_image.nrrd", "_label.nrrd"))
-        if label.is_file():
-            items.append({"image": str(image), "label": str(label)})
-    return items
-
-
-def prepare_datasets(data_root: Path, budget: Budget) -> tuple[Path, Path]:
-    """Stage-2 lesion dataset (with organ masks, for TAGS) and the stage-1 dataset whose label is the organ mask."""
-    from scripts.data.synthetic_data import generate_dataset
-
-    lesions = data_root / "lesions"
-    shape = tuple(budget.shape)
-    generate_dataset(lesions, budget.num_train, 1, budget.num_test, seed=0, shape=shape, organ_masks=True)
-    source = data_root / "pretrain_cases"
-    source_json = generate_dataset(source, budget.num_pretrain, 1, 0, PRETRAIN_DATA_SEED, shape, organ_masks=True)
-    meta = json.loads(source_json.read_text())
-    organ_targets = data_root / "pretrain_organs"
-    organ_targets.mkdir(parents=True, exist_ok=True)
-    splits = {
-        split: [{"image": str(source / i["image"]), "label": str(source / i["organ"])} for i in meta[split]]
-        for split in ("training", "validation", "test")
-    }
-    description = "stage-1 targets of the transfer study: the organ masks of " + str(source)
-    dataset = {"name": "transfer-study-organs", "description": description, "labels": {"1": "organ"}, **splits}
-    (organ_targets / "dataset.json").write_text(json.dumps(dataset, indent=1))
-    return lesions, organ_targets
+__all__ = ["aggregate", "format_tables", "main", "run_job", "run_jobs", "measure_cost"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Jobs (run in worker processes)
 # ---------------------------------------------------------------------------------------------------------------
-def method_configs(method: str) -> list[str]:
-    return [str(TRAIN_JSON), str(CPU_TINY_JSON), str(REPO_ROOT / "configs" / METHODS[method][1])]
-
-
 @contextlib.contextmanager
 def _output_to(log_path: Path):
     """Send this process's stdout and stderr, file descriptors included, to ``log_path``: MONAI's loggers hold the
@@ -294,7 +196,6 @@ def measure_cost(method: str, checkpoint: str, network_overrides: dict, clicks: 
     embeddings (``encode`` once, then ``decode`` per click with the previous low-res logits) and encoder time."""
     import torch
     from monai.bundle import ConfigParser
-
     from scripts.checkpoint import load_weights
     from scripts.training.trainable import count_parameters
 
@@ -349,176 +250,6 @@ def measure_cost(method: str, checkpoint: str, network_overrides: dict, clicks: 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Aggregation and report
-# ---------------------------------------------------------------------------------------------------------------
-def _metric(summary: dict | None, group: str, key: str) -> float:
-    value = ((((summary or {}).get("metrics") or {}).get(group) or {}).get(key) or {}).get("mean")
-    return float("nan") if value is None else float(value)
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return float("nan"), float("nan"), 0
-    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else float("nan"), len(finite)
-
-
-def aggregate(results: list[dict[str, Any]], dataset: str) -> dict[str, dict[str, Any]]:
-    """Per method: mean, std (over seeds, ddof=1) and n of each seed's lesion-mean metric, and the mean curve."""
-    by_method: dict[str, list[dict]] = {}
-    for result in results:
-        if dataset in result:
-            by_method.setdefault(result["job"]["method_id"], []).append(result[dataset])
-    table: dict[str, dict[str, Any]] = {}
-    for method, summaries in by_method.items():
-        row: dict[str, Any] = {"seeds": len(summaries), "lesions": summaries[0].get("num_lesions")}
-        keys = [f"dice@{k}" for k in DICE_KS] + list(NOC_KEYS)
-        for key in keys:
-            row[key] = _mean_std([_metric(s, "overall", key) for s in summaries])
-        for group in SIZE_BINS:
-            for key in ("dice@1", "dice@5"):
-                row[f"{group} {key}"] = _mean_std([_metric(s, group, key) for s in summaries])
-            row[f"{group} n"] = ((summaries[0].get("metrics") or {}).get(group) or {}).get("dice@1", {}).get("n", 0)
-        curves = [s["dice_curve"]["overall"] for s in summaries if (s.get("dice_curve") or {}).get("overall")]
-        row["curve_mean"] = [statistics.fmean(c) for c in zip(*curves)] if curves else []
-        row["curve_std"] = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in zip(*curves)] if curves else []
-        table[method] = row
-    return table
-
-
-def _pm(stats: tuple[float, float, int], scale: float = 1.0, digits: int = 1) -> str:
-    mean, std, n = stats
-    if n == 0 or not math.isfinite(mean):
-        return "–"
-    if n < 2 or not math.isfinite(std):
-        return f"{mean * scale:.{digits}f}"
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
-
-
-def _name(method: str) -> str:
-    return "Stage-1 checkpoint, no transfer" if method == NO_TRANSFER else METHODS[method][0]
-
-
-def format_tables(
-    tables: dict[str, dict[str, dict[str, Any]]], costs: dict[str, dict[str, Any]], methods: Sequence[str]
-) -> str:
-    """Markdown: one metrics table per dataset (Dice in %, mean ± std over seeds), the size bins of the synthetic
-    split, and each method's Dice@5 difference from the reference with a 2-standard-error noise flag."""
-    lines: list[str] = []
-    order = (NO_TRANSFER, *methods)
-    titles = {"synthetic": "Synthetic test split", "real": "Real cases (NRRD)"}
-    for dataset, table in tables.items():
-        if not table:
-            continue
-        first = next(iter(table.values()))
-        lines += [f"### {titles.get(dataset, dataset)} ({first['lesions']} lesions per run)", ""]
-        head = ["method", "seeds", "trainable / total params", *[f"Dice@{k} (%)" for k in DICE_KS]]
-        head += ["NoC@85", "NoC@90", "decoder ms/click", "encoder ms"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for method in order:
-            if method not in table:
-                continue
-            row, cost = table[method], costs.get(method, {})
-            params = "–"
-            if "total_parameters" in cost:
-                params = f"{cost['trainable_parameters']:,} / {cost['total_parameters']:,}"
-            cells = [_name(method), str(row["seeds"]), params]
-            cells += [_pm(row[f"dice@{k}"], 100.0) for k in DICE_KS]
-            cells += [_pm(row[key], 1.0) for key in NOC_KEYS]
-            cells += [f"{cost['decode_ms_per_click']:.1f}" if "decode_ms_per_click" in cost else "–"]
-            cells += [f"{cost['encode_ms']:.0f}" if "encode_ms" in cost else "–"]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    synthetic = tables.get("synthetic") or {}
-    if synthetic:
-        first = next(iter(synthetic.values()))
-        head = ["method", *[f"{g} Dice@{k} (%)" for g in SIZE_BINS for k in (1, 5)]]
-        counts = ", ".join(f"{g}: {first[f'{g} n']}" for g in SIZE_BINS)
-        lines += [f"### Synthetic test split by lesion size (lesions per run: {counts})", ""]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for method in order:
-            if method in synthetic:
-                row = synthetic[method]
-                cells = [_name(method)] + [_pm(row[f"{g} dice@{k}"], 100.0) for g in SIZE_BINS for k in (1, 5)]
-                lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    for dataset, table in tables.items():
-        if REFERENCE_METHOD not in table:
-            continue
-        ref = table[REFERENCE_METHOD]["dice@5"]
-        lines += [
-            f"### Dice@5 difference from {_name(REFERENCE_METHOD)} ({titles.get(dataset, dataset)})",
-            "",
-            "Flagged when |Δ| > 2 standard errors of the difference (sqrt(s1²/n1 + s2²/n2), seeds as samples).",
-            "",
-            "| method | Δ Dice@5 (points) | 2 SE | beyond noise? |",
-            "|---|---|---|---|",
-        ]
-        for method in methods:
-            if method == REFERENCE_METHOD or method not in table:
-                continue
-            mean, std, n = table[method]["dice@5"]
-            diff = 100.0 * (mean - ref[0])
-            if n > 1 and ref[2] > 1:
-                two_se = 200.0 * math.sqrt(std**2 / n + ref[1] ** 2 / ref[2])
-                verdict = "yes" if abs(diff) > two_se else "no"
-                lines.append(f"| {_name(method)} | {diff:+.1f} | {two_se:.1f} | {verdict} |")
-            else:
-                lines.append(f"| {_name(method)} | {diff:+.1f} | – | needs ≥ 2 seeds |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot_curves(tables: dict[str, dict[str, dict[str, Any]]], methods: Sequence[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-
-    panels = [(d, t) for d, t in tables.items() if t]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
-    for ax, (dataset, table) in zip(axes[0], panels):
-        for method in (NO_TRANSFER, *methods):
-            row = table.get(method)
-            if not row or not row["curve_mean"]:
-                continue
-            clicks = range(1, len(row["curve_mean"]) + 1)
-            style = dict(ls="--", color="grey") if method == NO_TRANSFER else {}
-            line = ax.plot(clicks, row["curve_mean"], marker="o", ms=2.5, lw=1.5, label=_name(method), **style)[0]
-            if row["seeds"] > 1:
-                low = [m - s for m, s in zip(row["curve_mean"], row["curve_std"])]
-                high = [m + s for m, s in zip(row["curve_mean"], row["curve_std"])]
-                ax.fill_between(clicks, low, high, color=line.get_color(), alpha=0.12)
-        ax.set_title(f"{dataset}: mean Dice per lesion (± std over seeds)")
-        ax.set_xlabel("clicks")
-        ax.set_ylabel("Dice")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def hardware_description() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    text = f"{cpu}, {cores} usable cores, torch {torch.__version__}"
-    if torch.cuda.is_available():
-        text += f", GPU {torch.cuda.get_device_name(0)}"
-    return text
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -537,6 +268,63 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run_stages(plan: StudyPlan, out: Path, methods: Sequence[str], workers: int, cores: int, fresh: bool, seconds):
+    """Stage 1, stage 2 and the cost measurement; returns (stage-1 result, stage-2 results, costs) and records each
+    stage's wall time in ``seconds``."""
+    import torch
+
+    budget = plan.budget
+    print("stage 1: pretraining on organ targets")
+    start = time.perf_counter()
+    # Stage 1 runs alone, so it uses every core; its evaluations are the "no transfer" reference row.
+    pretrain_job = plan.job(
+        PRETRAIN_METHOD, 0, out / "runs" / "stage1_pretrain", True, method_id=NO_TRANSFER,
+        train_dataset=str(plan.organs), iterations=budget.pretrain_iterations, threads=cores,
+    )  # fmt: skip
+    pretrained = run_jobs([pretrain_job], 1, fresh)[0]
+    seconds["stage1"] = time.perf_counter() - start
+
+    print(f"stage 2: {len(methods)} methods x {budget.seeds} seeds, {budget.iterations} iterations each")
+    start = time.perf_counter()
+    transfer_jobs = [
+        plan.job(m, seed, out / "runs" / m / f"seed{seed}", True, pretrained_ckpt=pretrained["checkpoint"])
+        for seed in range(budget.seeds)
+        for m in methods
+    ]
+    results = run_jobs(transfer_jobs, workers, fresh)
+    seconds["stage2"] = time.perf_counter() - start
+
+    print("cost: parameter counts and latency")
+    start = time.perf_counter()
+    torch.set_num_threads(1)  # the per-click latency of one interactive session on one core
+    costs = {}
+    for method in methods:
+        seed0 = next(r for r in results if r["job"]["method"] == method)
+        costs[method] = measure_cost(method, seed0["checkpoint"], plan.network_overrides, budget.latency_clicks)
+    seconds["cost"] = time.perf_counter() - start
+    return pretrained, results, costs
+
+
+def write_report(out: Path, title: str, run: dict[str, Any], methods: Sequence[str]) -> str:
+    """``results.md``, ``results.json`` and ``dice_vs_clicks.png`` in ``out``; returns the Markdown text."""
+    budget, seconds, wall = run["budget"], run["stage_seconds"], run["wall_seconds"]
+    report = [
+        f"# Transfer study results ({title} budget)",
+        "",
+        f"Hardware: {run['hardware']}. {run['jobs']} parallel jobs x {run['threads']} threads; latency on 1 thread.",
+        f"Budget: {json.dumps(budget)}.",
+        f"Wall time: {wall / 60:.1f} min (" + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()) + ").",
+        "Dice in %, mean ± std over seeds of each run's mean over lesions; NoC capped at max_clicks.",
+        "",
+        format_tables(run["tables"], run["costs"], methods),
+    ]
+    text = "\n".join(report)
+    (out / "results.md").write_text(text + "\n")
+    plot_curves(run["tables"], methods, out / "dice_vs_clicks.png")
+    (out / "results.json").write_text(json.dumps(run, indent=1, default=str))
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     wall_start = time.perf_counter()
@@ -548,129 +336,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from scripts.modeling import PRESETS
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     jobs = args.jobs or (1 if torch.cuda.is_available() else max(1, min(cores, 4)))
     threads = max(1, cores // jobs)
-    # The click-map prompt, the refiner and click-consistent masks stay off, the decoder gets the new click only,
-    # and the Zoom Loss keeps its region-mean zoom term: the study compares the published methods' own prompt and
-    # output paths, and the recorded results in docs/transfer_study.md were measured that way.
-    network_overrides: dict[str, Any] = {
-        "click_map": False,
-        "refiner": False,
-        "click_consistent": False,
-        "multi_click": False,
-        "zoom_rim_normalised": False,
-        "zoom_background_divisor": "region",
-    }
-    if args.network_preset != "tiny":
-        network_overrides.update(preset=args.network_preset, roi_size=PRESETS[args.network_preset]["img_size"])
     torch.set_num_threads(threads)
     print(f"transfer study, budget {asdict(budget)}, {jobs} parallel jobs x {threads} threads -> {out}")
 
-    stage_seconds: dict[str, float] = {}
     start = time.perf_counter()
     lesions, organs = prepare_datasets(out / "data", budget)
     real_items = real_cases(args.real_data_dir)
     if not real_items:
         print("no real cases found: the real-data evaluation is skipped")
-    stage_seconds["data"] = time.perf_counter() - start
-
-    def job(method: str, seed: int, run_dir: Path, train: bool, **kw: Any) -> dict[str, Any]:
-        spec = dict(
-            method=method,
-            method_id=kw.pop("method_id", method),
-            seed=seed,
-            run_dir=str(run_dir),
-            train=train,
-            train_dataset=str(lesions),
-            eval_dataset=str(lesions),
-            pretrained_ckpt=None,
-            iterations=budget.iterations,
-            batch_size=budget.batch_size,
-            num_rounds=budget.num_rounds,
-            max_clicks=budget.max_clicks,
-            real_items=real_items,
-            network_overrides=network_overrides,
-            threads=threads,
-            budget=asdict(budget),
-        )
-        spec.update(kw)
-        return json.loads(json.dumps(spec))  # plain JSON types, comparable with a stored result.json
-
-    print("stage 1: pretraining on organ targets")
-    start = time.perf_counter()
-    # Stage 1 runs alone, so it uses every core; its evaluations are the "no transfer" reference row.
-    pretrain_job = job(
-        PRETRAIN_METHOD,
-        0,
-        out / "runs" / "stage1_pretrain",
-        True,
-        method_id=NO_TRANSFER,
-        train_dataset=str(organs),
-        iterations=budget.pretrain_iterations,
-        threads=cores,
-    )
-    pretrained = run_jobs([pretrain_job], 1, args.fresh)[0]
-    checkpoint = pretrained["checkpoint"]
-    stage_seconds["stage1"] = time.perf_counter() - start
-
-    print(f"stage 2: {len(args.methods)} methods x {budget.seeds} seeds, {budget.iterations} iterations each")
-    start = time.perf_counter()
-    transfer_jobs = [
-        job(m, seed, out / "runs" / m / f"seed{seed}", True, pretrained_ckpt=checkpoint)
-        for seed in range(budget.seeds)
-        for m in args.methods
-    ]
-    results = run_jobs(transfer_jobs, jobs, args.fresh)
-    stage_seconds["stage2"] = time.perf_counter() - start
-
-    print("cost: parameter counts and latency")
-    start = time.perf_counter()
-    torch.set_num_threads(1)  # the per-click latency of one interactive session on one core
-    costs = {}
-    for method in args.methods:
-        seed0 = next(r for r in results if r["job"]["method"] == method)
-        costs[method] = measure_cost(method, seed0["checkpoint"], network_overrides, budget.latency_clicks)
-    stage_seconds["cost"] = time.perf_counter() - start
+    seconds = {"data": time.perf_counter() - start}
+    plan = StudyPlan(budget, lesions, organs, real_items, network_overrides(args.network_preset), threads)
+    pretrained, results, costs = run_stages(plan, out, args.methods, jobs, cores, args.fresh, seconds)
 
     all_results = [pretrained, *results]
     tables = {dataset: aggregate(all_results, dataset) for dataset in ("synthetic", "real")}
     wall = time.perf_counter() - wall_start
-    report = [
-        f"# Transfer study results ({'smoke' if args.quick else args.budget} budget)",
-        "",
-        f"Hardware: {hardware_description()}. {jobs} parallel jobs x {threads} threads; latency on 1 thread.",
-        f"Budget: {json.dumps(asdict(budget))}.",
-        f"Wall time: {wall / 60:.1f} min ("
-        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in stage_seconds.items())
-        + ").",
-        "Dice in %, mean ± std over seeds of each run's mean over lesions; NoC capped at max_clicks.",
-        "",
-        format_tables(tables, costs, args.methods),
-    ]
-    text = "\n".join(report)
-    (out / "results.md").write_text(text + "\n")
-    plot_curves(tables, args.methods, out / "dice_vs_clicks.png")
-    (out / "results.json").write_text(
-        json.dumps(
-            {
-                "budget": asdict(budget),
-                "hardware": hardware_description(),
-                "jobs": jobs,
-                "threads": threads,
-                "wall_seconds": wall,
-                "stage_seconds": stage_seconds,
-                "costs": costs,
-                "tables": tables,
-                "runs": all_results,
-            },
-            indent=1,
-            default=str,
-        )
-    )
-    print(text)
+    run = {
+        "budget": asdict(budget),
+        "hardware": hardware_description(),
+        "jobs": jobs,
+        "threads": threads,
+        "wall_seconds": wall,
+        "stage_seconds": seconds,
+        "costs": costs,
+        "tables": tables,
+        "runs": all_results,
+    }
+    print(write_report(out, "smoke" if args.quick else args.budget, run, args.methods))
     print(f"wall time: {wall:.0f} s ({wall / 60:.1f} min); results in {out}")
     return {"tables": tables, "costs": costs, "wall_seconds": wall, "output_dir": str(out)}
 

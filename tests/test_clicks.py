@@ -282,26 +282,23 @@ class _ClickRecorder(torch.nn.Module):
         return torch.nn.functional.interpolate(low_res, size=tuple(size), mode="trilinear", align_corners=False)
 
 
-def test_protocol_clicks_follow_the_evaluation_rule_and_the_refiner_sees_every_click():
+def test_training_clicks_are_drawn_in_the_lesion_and_the_refiner_sees_every_click():
     from scripts.training.click_rounds import training_rounds
 
     target = torch.zeros(2, 1, 16, 16, 16, dtype=torch.bool)
-    target[:, :, 3:10, 4:11, 5:12] = True  # a 7^3 cube: its deepest point is its centre (6, 7, 8)
+    target[:, :, 3:10, 4:11, 5:12] = True  # a 7^3 cube
     net = _ClickRecorder()
     loss = lambda logits, y: (logits - y).abs().mean()  # noqa: E731
-    training_rounds(net, target.float(), target.float(), loss, 4, random.Random(0), protocol_click_fraction=1.0)
+    generator = torch.Generator().manual_seed(3)
+    training_rounds(net, target.float(), target.float(), loss, 4, random.Random(0), generator)
     first_points, first_labels = net.decoded[0]
-    assert first_points.tolist() == [[[6.0, 7.0, 8.0]]] * 2 and first_labels.tolist() == [[1], [1]]
+    assert first_labels.tolist() == [[1], [1]]  # round one: the error region is the whole lesion
+    assert all(bool(target[b, 0][tuple(first_points[b, 0].long())]) for b in range(2))
     fed = [d is not None for d in net.decoded]
     assert fed[0] and not fed[-1]  # the last round is mask-only
     # the decoder gets the new click only; the refiner every click fed so far
     assert all(d[0].shape[1] == 1 for d in net.decoded if d is not None)
     assert net.refined == list(np.cumsum(fed).astype(int))
-
-    uniform = _ClickRecorder()
-    generator = torch.Generator().manual_seed(3)
-    training_rounds(uniform, target.float(), target.float(), loss, 4, random.Random(0), generator)
-    assert uniform.decoded[0][0].tolist() != first_points.tolist()  # SAM-Med3D's uniform draw inside the lesion
 
 
 def test_multi_click_networks_get_every_click_in_the_decoder():

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import SAM_MED3D_KEYS
-
 from scripts.baselines import text_prompts
+from scripts.baselines.ma_sam import MA3DAdapter, MASAMConfig, adapter_kernel_size
+from scripts.baselines.tags import TAGSConfig, binary_focal_dice, default_alignment_levels, tags_alignment_loss
 from scripts.checkpoint import CheckpointError, load_weights
 from scripts.modeling import build_sgp_sam
-from scripts.baselines.ma_sam import MA3DAdapter, adapter_kernel_size
-from scripts.baselines.tags import binary_focal_dice, default_alignment_levels, tags_alignment_loss
 from scripts.training.trainable import set_trainable
 
 S = 64  # tiny preset crop
@@ -69,7 +68,7 @@ def _assert_differs(a, b, min_diff: float = 1e-4):
 
 @pytest.mark.parametrize("kernel", ["depth", "cube"])
 def test_ma_sam_fresh_equals_backbone(kernel):
-    model, plain = _pair(adapter="ma_sam", adapter_kernel=kernel)
+    model, plain = _pair(extensions=[MASAMConfig(adapter_kernel=kernel)])
     images, points, labels, mask_input, _ = _inputs()
     with torch.no_grad():
         _assert_same(
@@ -81,7 +80,7 @@ def test_ma_sam_fresh_equals_backbone(kernel):
 
 
 def test_tags_fresh_equals_backbone():
-    model, plain = _pair(tags=True)
+    model, plain = _pair(extensions=[TAGSConfig()])
     images, points, labels, mask_input, anatomy = _inputs()
     with torch.no_grad():
         ours = _outputs(model, images, points, labels, mask_input, anatomy=anatomy)
@@ -93,7 +92,7 @@ def test_tags_fresh_equals_backbone():
 
 def test_all_extensions_with_sgpm_fresh_equal_sgpm_model():
     torch.manual_seed(0)
-    model = build_sgp_sam("tiny", sgpm=True, adapter="ma_sam", fact_rank=8, tags=True).eval()
+    model = build_sgp_sam("tiny", sgpm=True, extensions=[MASAMConfig(fact_rank=8), TAGSConfig()]).eval()
     _randomise_backbone(model)
     reference = build_sgp_sam("tiny", sgpm=True).eval()
     load_weights(reference, {k: v for k, v in model.state_dict().items() if not k.startswith("extensions.")})
@@ -111,11 +110,13 @@ def test_sam_med3d_size_fresh_extensions_equal_backbone():
     The equality check runs the first three blocks (two windowed, one global) at full width to stay fast on CPU.
     """
     reference = {line.split(" ", 1)[0] for line in SAM_MED3D_KEYS.read_text().splitlines() if line.strip()}
-    full = build_sgp_sam("sam_med3d", sgpm=False, adapter="ma_sam", tags=True)
+    full = build_sgp_sam("sam_med3d", sgpm=False, extensions=[MASAMConfig(), TAGSConfig()])
     assert set(full.backbone_state_keys()) == reference
     assert all(k.startswith("extensions.") for k in set(full.state_dict()) - reference)
     del full
-    model, plain = _pair(preset="sam_med3d", adapter="ma_sam", tags=True, depth=3, global_attn_indexes=(2,))
+    model, plain = _pair(
+        preset="sam_med3d", extensions=[MASAMConfig(), TAGSConfig()], depth=3, global_attn_indexes=(2,)
+    )
     images = torch.randn(1, 1, 128, 128, 128)
     anatomy = (torch.rand(1, 1, 128, 128, 128) > 0.5).float()
     with torch.no_grad():
@@ -145,7 +146,7 @@ def _perturb(model, part: str) -> None:
 
 @pytest.mark.parametrize("part", ["attn_adapter", "mlp_adapter", "fact", "anatomy", "semantic"])
 def test_perturbed_extension_changes_output(part):
-    model, plain = _pair(adapter="ma_sam", tags=True)
+    model, plain = _pair(extensions=[MASAMConfig(), TAGSConfig()])
     _perturb(model, part)
     images, points, labels, mask_input, anatomy = _inputs()
     with torch.no_grad():
@@ -156,7 +157,7 @@ def test_perturbed_extension_changes_output(part):
 
 
 def test_deepcopy_rebinds_in_block_callables():
-    model, _ = _pair(adapter="ma_sam")
+    model, _ = _pair(extensions=[MASAMConfig()])
     images = _inputs()[0]
     with torch.no_grad():
         before = model.encode(images)
@@ -175,7 +176,7 @@ def test_sam_med3d_format_state_dict_loads_strictly():
     backbone = build_sgp_sam("tiny", sgpm=False)
     _randomise_backbone(backbone)
     state = backbone.state_dict()
-    model = build_sgp_sam("tiny", sgpm=False, adapter="ma_sam", tags=True).eval()
+    model = build_sgp_sam("tiny", sgpm=False, extensions=[MASAMConfig(), TAGSConfig()]).eval()
     assert model.backbone_state_keys() == list(state)
     report = load_weights(model, state)
     assert sorted(report["loaded"]) == sorted(state)
@@ -193,10 +194,10 @@ def test_sam_med3d_format_state_dict_loads_strictly():
 
 
 def test_trained_extensions_round_trip_through_state_dict():
-    model, _ = _pair(adapter="ma_sam", tags=True)
+    model, _ = _pair(extensions=[MASAMConfig(), TAGSConfig()])
     for part in ("attn_adapter", "fact", "anatomy", "semantic"):
         _perturb(model, part)
-    fresh = build_sgp_sam("tiny", sgpm=False, adapter="ma_sam", tags=True).eval()
+    fresh = build_sgp_sam("tiny", sgpm=False, extensions=[MASAMConfig(), TAGSConfig()]).eval()
     load_weights(fresh, model.state_dict())
     images, points, labels, mask_input, anatomy = _inputs()
     with torch.no_grad():
@@ -211,7 +212,7 @@ def test_trained_extensions_round_trip_through_state_dict():
 
 
 def test_fast_attention_equals_naive_with_fact_active():
-    model, _ = _pair(adapter="ma_sam", adapter_kernel="cube")
+    model, _ = _pair(extensions=[MASAMConfig(adapter_kernel="cube")])
     for part in ("fact", "attn_adapter", "mlp_adapter"):
         _perturb(model, part)
     with torch.no_grad():
@@ -232,7 +233,7 @@ def test_fast_attention_equals_naive_with_fact_active():
 
 
 def test_fact_touches_q_and_v_only():
-    model, _ = _pair(adapter="ma_sam")
+    model, _ = _pair(extensions=[MASAMConfig()])
     _perturb(model, "fact")
     fact = model.extensions["ma_sam"].fact.eval()
     x, qkv = torch.randn(2, 5, 96), torch.zeros(2, 5, 288)
@@ -264,11 +265,11 @@ def test_adapter_kernels():
 
 
 @pytest.mark.parametrize(
-    "kwargs, max_fraction",
-    [(dict(adapter="ma_sam"), 0.35), (dict(adapter="ma_sam", adapter_kernel="cube"), 0.25), (dict(tags=True), 0.35)],
+    "extension, max_fraction",
+    [(MASAMConfig(), 0.35), (MASAMConfig(adapter_kernel="cube"), 0.25), (TAGSConfig(), 0.35)],
 )
-def test_frozen_encoder_trains_a_small_fraction(kwargs, max_fraction):
-    model = build_sgp_sam("tiny", sgpm=False, **kwargs)
+def test_frozen_encoder_trains_a_small_fraction(extension, max_fraction):
+    model = build_sgp_sam("tiny", sgpm=False, extensions=[extension])
     counts = set_trainable(model)
     assert counts["image_encoder"]["trainable"] == 0
     assert counts["extensions"]["trainable"] == counts["extensions"]["total"] > 0
@@ -286,7 +287,7 @@ def test_default_alignment_levels():
 
 
 def test_alignment_loss_is_finite_differentiable_and_rewards_alignment():
-    model, _ = _pair(tags=True)
+    model, _ = _pair(extensions=[TAGSConfig()])
     model.train()
     set_trainable(model)
     tags = model.extensions["tags"]
@@ -311,7 +312,7 @@ def test_alignment_loss_is_finite_differentiable_and_rewards_alignment():
 
 def test_alignment_loss_decreases_with_training():
     """A few optimiser steps on the TAGS parameters alone (frozen encoder) align the maps with the target."""
-    model, _ = _pair(tags=True, anatomy_prompt=False)
+    model, _ = _pair(extensions=[TAGSConfig(anatomy_prompt=False)])
     model.train()
     set_trainable(model)
     images = _inputs()[0]
@@ -334,7 +335,7 @@ def test_alignment_loss_decreases_with_training():
 def test_tags_alignment_loss_helper_handles_models_without_tags():
     plain = build_sgp_sam("tiny", sgpm=False)
     assert tags_alignment_loss(plain, torch.zeros(1, 1, S, S, S)) is None
-    model = build_sgp_sam("tiny", sgpm=False, tags=True)
+    model = build_sgp_sam("tiny", sgpm=False, extensions=[TAGSConfig()])
     assert tags_alignment_loss(model, torch.zeros(1, 1, S, S, S)) is None  # nothing encoded yet
 
     class Wrapped(torch.nn.Module):  # DDP-style wrapper
@@ -348,7 +349,7 @@ def test_tags_alignment_loss_helper_handles_models_without_tags():
 
 
 def test_anatomy_context_and_validation():
-    model, _ = _pair(tags=True)
+    model, _ = _pair(extensions=[TAGSConfig()])
     _perturb(model, "anatomy")
     tags = model.extensions["tags"]
     images, _, _, _, anatomy = _inputs()
@@ -361,7 +362,7 @@ def test_anatomy_context_and_validation():
     assert (explicit - without).abs().max() > 1e-4
     with pytest.raises(ValueError, match="anatomy mask must be"):
         model.encode(images, anatomy=anatomy[..., :32])
-    no_branch = build_sgp_sam("tiny", sgpm=False, tags=True, anatomy_prompt=False)
+    no_branch = build_sgp_sam("tiny", sgpm=False, extensions=[TAGSConfig(anatomy_prompt=False)])
     with pytest.raises(ValueError, match="no anatomy branch"):
         no_branch.encode(images, anatomy=anatomy)
 
@@ -398,7 +399,7 @@ def test_text_vector_sources(tmp_path):
     with pytest.raises(ValueError, match="unknown text-vector source"):
         text_prompts.get_text_vectors("bert")
     # The network takes any width: a 16-d source is projected to the alignment space.
-    model = build_sgp_sam("tiny", sgpm=False, tags=True, text_source=str(path))
+    model = build_sgp_sam("tiny", sgpm=False, extensions=[TAGSConfig(text_source=str(path))])
     assert model.extensions["tags"].text_proj.in_features == 16
 
 

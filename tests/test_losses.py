@@ -125,20 +125,20 @@ def test_zoom_region_without_prediction():
     focal_all = 0.5 * fl[0] + 0.5 * sum(fl[1:]) / 4
     only_target = ZoomLoss(zoom_on_prediction=False, **kw)(logits, target).item()
     assert only_target == pytest.approx(focal_all + 0.5 * fl[0] + 0.5 * fl[1], rel=1e-6)
-    region_mean = ZoomLoss(zoom_on_prediction=True, rim_normalised=False, **kw)(logits, target).item()
+    region_mean = ZoomLoss(zoom_on_prediction=True, background_divisor="region", **kw)(logits, target).item()
     assert region_mean == pytest.approx(focal_all + 0.5 * fl[0] + 0.5 * (fl[1] + fl[3] + fl[4]) / 3, rel=1e-6)
     # default: the background sum over the zoom region (x = 1, 3, 4) is divided by the lesion rim's size (x = 1)
     with_pred = ZoomLoss(zoom_on_prediction=True, **kw)(logits, target).item()
     assert with_pred == pytest.approx(focal_all + 0.5 * fl[0] + 0.5 * (fl[1] + fl[3] + fl[4]) / 1, rel=1e-6)
 
 
-def _blob_cost(rim_normalised: bool, blob_side: int, lesion_side: int = 2) -> float:
+def _blob_cost(divisor: str, blob_side: int, lesion_side: int = 2) -> float:
     """Zoom-term loss of a cube lesion fully found plus a false-positive cube touching it, in a 32^3 crop."""
     target = torch.zeros(1, 1, 32, 32, 32, dtype=torch.bool)
     target[0, 0, 4 : 4 + lesion_side, 4 : 4 + lesion_side, 4 : 4 + lesion_side] = True
     logits = torch.where(target, 4.0, -4.0)
     logits[0, 0, 4 + lesion_side : 4 + lesion_side + blob_side, 4 : 4 + blob_side, 4 : 4 + blob_side] = 2.0
-    loss = ZoomLoss(dice_weight=0.0, lambda_focal=1.0, zoom_margin=3, rim_normalised=rim_normalised)
+    loss = ZoomLoss(dice_weight=0.0, lambda_focal=1.0, zoom_margin=3, background_divisor=divisor)
     loss(logits, target)
     return loss.last_terms["zoom"]
 
@@ -147,9 +147,9 @@ def test_false_positive_blob_cost_grows_with_its_size_against_the_lesion_rim():
     """The reason for the rim divisor: with the zoom region's own background count as divisor, a false-positive
     blob grows the region it is averaged over, so a 12^3 blob (27 times the voxels of a 4^3 one) costs only about
     5 times as much. Divided by the lesion rim's size, its cost grows with its volume."""
-    small, large = _blob_cost(True, 4), _blob_cost(True, 12)
+    small, large = _blob_cost("rim", 4), _blob_cost("rim", 12)
     assert large > 20 * small
-    small_region, large_region = _blob_cost(False, 4), _blob_cost(False, 12)
+    small_region, large_region = _blob_cost("region", 4), _blob_cost("region", 12)
     assert large_region < 8 * small_region
     assert large > 10 * large_region
 

@@ -181,7 +181,7 @@ def test_preset_training_policy_network_and_loss(preset):
     if preset == "method_ma_sam.json":  # MA-SAM's 0.2 CE + 0.8 Dice
         assert (loss.lambda_ce, loss.lambda_dice) == (0.2, 0.8)
     trainer_args = parser["train#trainer"]
-    assert trainer_args["anatomy_key"] == "@anatomy_key" and trainer_args["align_weight"] == "@align_weight"
+    assert trainer_args["anatomy_key"] == "@anatomy_key"
     assert parser.get_parsed_content("anatomy_key") == ("organ" if preset == "method_tags.json" else None)
 
 
@@ -226,7 +226,7 @@ def test_alignment_loss_and_anatomy_enter_the_training_step(organ_dataset, tmp_p
     network = parser.get_parsed_content("network")
     tags = network.extensions["tags"]
     step = trainer.training_step
-    assert step.align_weight == 1.0 and trainer.anatomy_key == "organ"
+    assert tags.align_weight == 1.0 and trainer.anatomy_key == "organ"
 
     # One trainer iteration: gradient reaches the parameters that only the alignment loss uses (projections into
     # the text space) and those that only the organ mask feeds (anatomy patch embedding, zero at init).
@@ -243,10 +243,10 @@ def test_alignment_loss_and_anatomy_enter_the_training_step(organ_dataset, tmp_p
     inputs = {"anatomy": batch["organ"].as_tensor()}
     losses = {}
     for weight in (0.0, 2.5):
-        step.align_weight, step.rng = weight, random.Random(0)
+        tags.align_weight, step.rng = weight, random.Random(0)
         torch.manual_seed(0)
-        losses[weight] = step(images, targets, inputs, batch["label_all"].as_tensor())[0].item()
-        alignment = step.last_alignment_loss
+        losses[weight] = step(images, targets, inputs, {"label_all": batch["label_all"].as_tensor()})[0].item()
+        alignment = step.last_extra_losses["alignment_loss"]
     assert alignment > 0
     assert losses[2.5] - losses[0.0] == pytest.approx(2.5 * alignment, rel=1e-4)
 
@@ -360,7 +360,7 @@ def test_msd_liver_organ_mask_is_liver_with_its_tumours(tmp_path):
         TRAIN_JSON, REPO_ROOT / "configs" / "msd_liver_tumour.json", _method("method_tags.json"),
         dataset_dir=str(root), num_val_cases=1, num_test_cases=1, roi_size=32, preset="tiny",
     )  # fmt: skip
-    assert parser.get_parsed_content("text_organ") == "liver"
+    assert parser.get_parsed_content("organ#name") == "liver"
     val = parser.get_parsed_content("val_datalist")
     sample = parser.get_parsed_content("validate#preprocessing")(dict(val[0], lesion_index=0))
     source = nib.load(val[0]["label"]).get_fdata()

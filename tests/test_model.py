@@ -338,7 +338,7 @@ def test_frozen_encoder_policy_counts_and_groups():
     decoder_lrs = {g["lr"] for g in groups if g["name"].startswith("mask_decoder")}
     assert len(decoder_lrs) == 1 and decoder_lrs.pop() == pytest.approx(1e-4)
     assert not any(g["name"].startswith("image_encoder") for g in groups)
-    set_trainable(model, train_image_encoder=True)
+    set_trainable(model, ["image_encoder", "prompt_encoder", "mask_decoder", "sgpm"])
     assert count_parameters(model)["image_encoder"]["trainable"] == counts["image_encoder"]["total"]
 
 

@@ -29,11 +29,12 @@ def test_preset_merges_and_resolves(preset):
     """Every preset's own keys and the core hyper-parameters resolve once layered over train.json."""
     own = json.loads((REPO_ROOT / "configs" / preset).read_text())
     parser = parse(preset)
-    # plain values of the preset land unchanged in the merged config
+    # plain values of the preset (scalars and lists of them) land unchanged in the merged config
     for key, value in own.items():
-        if not (isinstance(value, str) and value[:1] in "$@%") and not isinstance(value, dict):
+        items = value if isinstance(value, list) else [value]
+        if not any(isinstance(v, dict) or (isinstance(v, str) and v[:1] in "$@%") for v in items):
             assert parser.get_parsed_content(key) == value, key
-    for key in ("preset", "roi_size", "target_label", "image_channel", "ct_clamp", "sgpm", "loss_name", "amp"):
+    for key in ("preset", "roi_size", "target_label", "image_channel", "ct_clamp", "sgpm", "loss", "amp"):
         parser.get_parsed_content(key)
     assert parser.get_parsed_content("preset") in ("tiny", "small", "sam_med3d")
     assert parser["network_def"]["_target_"]

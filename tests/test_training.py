@@ -82,7 +82,8 @@ def test_pretrained_sam_med3d_checkpoint_loads_strictly(tmp_path, tiny_dataset):
     ckpt = tmp_path / "sam_med3d_turbo.pth"
     sam_med3d_style_file(ckpt, source)
     # frozen encoder (the default policy): the trained model must still carry the pretrained encoder exactly
-    code, log = _train(tmp_path, tiny_dataset, "--pretrained_ckpt", str(ckpt), "--train_image_encoder", "False")
+    frozen_encoder = "['prompt_encoder','mask_decoder','sgpm']"
+    code, log = _train(tmp_path, tiny_dataset, "--pretrained_ckpt", str(ckpt), "--trainable", frozen_encoder)
     assert code == 0, log[-4000:]
     assert f"loaded {len(source)} tensors from {ckpt}" in log
     trained = torch.load(tmp_path / "models" / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=True)["model"]

@@ -23,7 +23,7 @@ out=bundle/models/pretrained/sgp_sam_tiny_synthetic.pt
 (cd bundle && python -m scripts.data.synthetic_data --output_dir "../$corpus" --num_train 160 --num_val 12 --num_test 0 --seed 1000)
 python -m monai.bundle run training --config_file "['bundle/configs/train.json','configs/cpu_tiny.json']" \
     --dataset_dir "$corpus" --ckpt_dir "$work/models" --output_dir "$work" --max_epochs 18 --val_interval 2 \
-    --zoom_alpha_fg 0.5 --multi_click False --click_consistent False "$@"
+    --zoom_loss#alpha_fg 0.5 --network_def#multi_click False --network_def#click_consistent False "$@"
 python - "$work/models/model.pt" "$out" <<'EOF'
 import os
 import sys

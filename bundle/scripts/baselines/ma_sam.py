@@ -11,6 +11,7 @@ outputs unchanged. Faithful parts and adaptations: docs/method.md, "MA-SAM and T
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -178,3 +179,24 @@ def add_ma_sam(model: nn.Module, **kwargs) -> MASAMExtension:
     extension = MASAMExtension(model.image_encoder, **kwargs)
     model.extensions["ma_sam"] = extension
     return extension
+
+
+@dataclass(frozen=True)
+class MASAMConfig:
+    """MA-SAM as a network extension: ``build_sgp_sam(..., extensions=[MASAMConfig()])`` (see ``MASAMExtension``).
+
+    Args:
+        adapter_dim: adapter bottleneck (None: embed_dim // 2 = MA-SAM's 384 at 768; 0: no adapters).
+        adapter_kernel: "depth" (MA-SAM, 3 along the slice axis Z), "cube" (depthwise 3^3), "cube_full" (full 3^3)
+            or an explicit kernel in token-axis order (X, Y, Z).
+        fact_rank: FacT rank on q and v (MA-SAM: 32; 0: no FacT).
+    """
+
+    adapter_dim: int | None = None
+    adapter_kernel: str | Sequence[int] = "depth"
+    fact_rank: int = 32
+
+    def __call__(self, model: nn.Module) -> MASAMExtension:
+        return add_ma_sam(
+            model, adapter_dim=self.adapter_dim, adapter_kernel=self.adapter_kernel, fact_rank=self.fact_rank
+        )

@@ -9,8 +9,9 @@ Two prompts, both zero-initialised so that freshly added they leave the backbone
 * **Semantic prompts.** Two text vectors ("normal {organ}" vs "{organ} with lesion" prompt ensembles, see
   ``scripts/baselines/text_prompts.py``) are aligned with the tokens after chosen blocks. At each level a small adapter
   (zero-initialised last layer) is mixed back as ``x <- x + mix * align(x)`` and the alignment map
-  ``tau * cosine(proj(x), text_proj(t))`` (B, 2, g, g, g) is kept in ``last_alignment_logits``; the trainer adds
-  ``lambda_align * alignment_loss(targets)`` (see ``tags_alignment_loss``).
+  ``tau * cosine(proj(x), text_proj(t))`` (B, 2, g, g, g) is kept in ``last_alignment_logits``. The trainer adds
+  ``align_weight * alignment_loss(targets)`` through the extension's ``training_losses`` (the generic extra-loss
+  interface of ``scripts.training.engines``).
 
 Extension parameters live under ``extensions.tags.*``. Faithful parts and adaptations: docs/method.md.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -103,7 +105,11 @@ class TAGSExtension(nn.Module):
         target_pooling: how a crop-resolution target becomes a token-grid target: "fraction" (lesion fraction per
             token, soft) or "max" (a token with any lesion voxel is lesion).
         focal_gamma: focal exponent of the alignment loss.
+        align_weight: weight of the alignment loss in training (``training_losses``; 0 reports it without adding).
     """
+
+    # batch entries the trainer hands to ``training_losses``: all lesions of the crop
+    batch_keys = ("label_all",)
 
     def __init__(
         self,
@@ -122,8 +128,10 @@ class TAGSExtension(nn.Module):
         max_temperature: float = 100.0,
         target_pooling: str = "fraction",
         focal_gamma: float = 2.0,
+        align_weight: float = 1.0,
     ) -> None:
         super().__init__()
+        self.align_weight = float(align_weight)
         if target_pooling not in ("fraction", "max"):
             raise ValueError(f"target_pooling must be 'fraction' or 'max', got {target_pooling!r}")
         self.patch_size = patch_size
@@ -235,6 +243,17 @@ class TAGSExtension(nn.Module):
         losses = [binary_focal_dice(level, token_target, self.focal_gamma) for level in logits]
         return torch.stack(losses).mean()
 
+    def training_losses(self, targets: torch.Tensor, batch: dict) -> list[tuple[str, float, torch.Tensor]]:
+        """The alignment loss of the last ``encode`` as one weighted training term (none without alignment maps).
+
+        It is scored on every lesion of the crop (``batch["label_all"]``, the instance target when absent): "lesion
+        vs normal tissue" is semantic, not one instance.
+        """
+        if not self.semantic_prompt or not self.last_alignment_logits:
+            return []
+        lesions = batch.get("label_all")
+        return [("alignment_loss", self.align_weight, self.alignment_loss(targets if lesions is None else lesions))]
+
 
 def add_tags(model: nn.Module, **kwargs) -> TAGSExtension:
     """Create the TAGS extension for ``model.image_encoder`` and register it as ``model.extensions["tags"]``."""
@@ -248,7 +267,7 @@ def add_tags(model: nn.Module, **kwargs) -> TAGSExtension:
 def tags_alignment_loss(network: nn.Module, targets: torch.Tensor) -> torch.Tensor | None:
     """Alignment loss of ``network``'s TAGS extension after its last ``encode`` (None if it has none/no maps).
 
-    ``network`` may be wrapped (DDP ``.module``). For the trainer: ``loss = loss + lambda_align * this``.
+    ``network`` may be wrapped (DDP ``.module``). Training adds it through ``TAGSExtension.training_losses``.
     """
     network = getattr(network, "module", network)
     extensions = getattr(network, "extensions", None)
@@ -258,3 +277,43 @@ def tags_alignment_loss(network: nn.Module, targets: torch.Tensor) -> torch.Tens
     if not tags.semantic_prompt or not tags.last_alignment_logits:
         return None
     return tags.alignment_loss(targets)
+
+
+@dataclass(frozen=True)
+class TAGSConfig:
+    """TAGS as a network extension: ``build_sgp_sam(..., extensions=[TAGSConfig()])`` (see ``TAGSExtension``).
+
+    Args:
+        anatomy_prompt: the anatomy branch (organ mask via ``encode(images, anatomy=mask)``).
+        semantic_prompt: the text-aligned adapters and alignment maps.
+        text_source: "packaged" (shipped MiniLM vectors), "minilm" or an .npz path; for CLIP, write an .npz with
+            ``python -m scripts.baselines.text_prompts --source clip --clip-weights-path ...`` and pass its path.
+        text_organ: organ word of the prompt ensembles (packaged: liver, brain, kidney, pancreas, organ).
+        levels: blocks after which alignment runs (default: quarters of the depth, e.g. 2, 5, 8, 11).
+        align_dim: width of the joint token/text space.
+        mix: weight of the mixed-back alignment adapter (TAGS: 0.2).
+        align_weight: weight of the alignment loss in training.
+    """
+
+    anatomy_prompt: bool = True
+    semantic_prompt: bool = True
+    text_source: str = "packaged"
+    text_organ: str = "organ"
+    levels: Sequence[int] | None = None
+    align_dim: int = 128
+    mix: float = 0.2
+    align_weight: float = 1.0
+
+    def __call__(self, model: nn.Module) -> TAGSExtension:
+        from .text_prompts import get_text_vectors
+
+        return add_tags(
+            model,
+            anatomy_prompt=self.anatomy_prompt,
+            semantic_prompt=self.semantic_prompt,
+            text_vectors=get_text_vectors(self.text_source, organ=self.text_organ) if self.semantic_prompt else None,
+            levels=self.levels,
+            align_dim=self.align_dim,
+            mix=self.mix,
+            align_weight=self.align_weight,
+        )

@@ -1,8 +1,19 @@
-"""Model presets and the builder used by the bundle configs and the MONAI Label app."""
+"""Model presets and the builder used by the bundle configs and the MONAI Label app.
+
+``PRESETS`` is the registry of network sizes (as segment-anything's model registry). A network is described by a
+:class:`NetworkConfig`: the preset's sizes, the SGPM settings (:class:`SGPMConfig`, or None for the plain
+SAM-Med3D backbone) and the click-interaction switches (:class:`ClickConfig`). :func:`build_network` builds it;
+:func:`build_sgp_sam` is the short form the configs and the app call, e.g.
+``build_sgp_sam("tiny", sgpm=True, click_map=True, img_size=64)``.
+
+Optional extensions (the baselines' adapters and prompts, ``scripts.baselines``) are callables that add themselves
+to the built model under ``model.extensions``; they are applied in order after the backbone and SGPM exist.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Mapping, Sequence
 
 from .click_prompt import ClickMapPrompt
 from .image_encoder import ImageEncoderViT3D
@@ -76,43 +87,27 @@ def default_fuse_depths(stage_blocks: Sequence[int], depth: int) -> dict[int, tu
     return {b: ((b - step,) if b - step >= 0 else ()) for b in stage_blocks}
 
 
-def build_sgp_sam(
-    preset: str = "sam_med3d",
-    sgpm: bool = True,
-    sgpm_stages: Sequence[int] | None = None,
-    sgpm_fuse_depths: dict[int, Sequence[int]] | None = None,
-    gate_mode: str = "learned",
-    gate_threshold: float = 0.5,
-    attention_impl: str = "fast",
-    in_chans: int = 1,
-    click_map: bool = False,
-    refiner: bool = False,
-    click_consistent: bool = True,
-    multi_click: bool = False,
-    adapter: str | None = None,
-    adapter_dim: int | None = None,
-    adapter_kernel: str | Sequence[int] = "depth",
-    fact_rank: int = 32,
-    tags: bool = False,
-    anatomy_prompt: bool = True,
-    semantic_prompt: bool = True,
-    text_source: str = "packaged",
-    text_organ: str = "organ",
-    tags_levels: Sequence[int] | None = None,
-    tags_align_dim: int = 128,
-    tags_mix: float = 0.2,
-    **overrides: Any,
-) -> SGPSAM:
-    """Build SGP-SAM (or the plain SAM-Med3D backbone with ``sgpm=False``).
+@dataclass(frozen=True)
+class SGPMConfig:
+    """The Self-Gated Prompting Module (docs/method.md, "SGPM").
 
     Args:
-        preset: "sam_med3d" (released sizes), "small" or "tiny".
-        sgpm: add the Self-Gated Prompting Module (False = plain fine-tuning baseline).
-        sgpm_stages: encoder block indices after which SGPM stages run (preset default if None).
-        sgpm_fuse_depths: {stage block: earlier blocks to fuse}; default: one quarter of the depth earlier.
         gate_mode: "learned" or "open" (ablation: always fuse, no gate).
         gate_threshold: hard-gate threshold at inference.
-        attention_impl: "fast" (exact, default) or "naive" padded-window attention.
+        fuse_depths: {stage block: earlier blocks to fuse}; default: one quarter of the depth earlier. The stage
+            blocks themselves are a preset size (``sgpm_stages``).
+    """
+
+    gate_mode: str = "learned"
+    gate_threshold: float = 0.5
+    fuse_depths: Mapping[int, Sequence[int]] | None = None
+
+
+@dataclass(frozen=True)
+class ClickConfig:
+    """How the network takes clicks and returns masks; all off/raw reproduces SAM-Med3D.
+
+    Args:
         click_map: add the dense click-map prompt (``click_map.*``, zero-initialised; ``click_prompt.py``).
         refiner: add the high-resolution mask refiner (``refiner.*``, zero-initialised; ``refine.py``).
         click_consistent: every round's mask agrees with the clicks: clicked voxels take their label and only the
@@ -120,30 +115,85 @@ def build_sgp_sam(
             False gives the raw network output, as SAM-Med3D returns it.
         multi_click: the decoder gets every click so far each round (SAM-Med3D's ``--multi_click`` training and
             inference option); False feeds only the new click, SAM-Med3D's default and how its weights were trained.
-        adapter: None or "ma_sam" (MA-SAM 3D adapters + FacT under ``extensions.ma_sam``).
-        adapter_dim: MA-SAM adapter bottleneck (None: embed_dim // 2 = MA-SAM's 384 at 768; 0: no adapters).
-        adapter_kernel: "depth" (MA-SAM, 3 along the slice axis Z), "cube" (depthwise 3^3), "cube_full" (full 3^3)
-            or an explicit kernel in token-axis order (X, Y, Z).
-        fact_rank: FacT rank on q and v (MA-SAM: 32; 0: no FacT).
-        tags: add TAGS multi-prompt fusion under ``extensions.tags``.
-        anatomy_prompt: TAGS anatomy branch (organ mask via ``encode(images, anatomy=mask)``).
-        semantic_prompt: TAGS text-aligned adapters and alignment maps.
-        text_source: "packaged" (shipped MiniLM vectors), "minilm" or an .npz path; for CLIP, write an .npz with
-            ``python -m scripts.baselines.text_prompts --source clip --clip-weights-path ...`` and pass its path.
-        text_organ: organ word of the prompt ensembles (packaged: liver, brain, kidney, pancreas, organ).
-        tags_levels: blocks after which alignment runs (default: quarters of the depth, e.g. 2, 5, 8, 11).
-        tags_align_dim: width of the joint token/text space.
-        tags_mix: weight of the mixed-back alignment adapter (TAGS: 0.2).
-        overrides: any preset field (e.g. ``img_size``).
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    cfg = {**PRESETS[preset], **overrides}
+
+    click_map: bool = False
+    refiner: bool = False
+    click_consistent: bool = True
+    multi_click: bool = False
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """A whole network: preset sizes, SGPM (None: the plain backbone), click switches and input channels."""
+
+    sizes: Mapping[str, Any] = field(default_factory=lambda: dict(PRESETS["sam_med3d"]))
+    sgpm: SGPMConfig | None = SGPMConfig()
+    clicks: ClickConfig = ClickConfig()
+    in_chans: int = 1
+
+    @classmethod
+    def from_preset(
+        cls, preset: str = "sam_med3d", sgpm: bool | Mapping | SGPMConfig | None = True, **options: Any
+    ) -> "NetworkConfig":
+        """The config of ``preset`` with ``options``: fields of :class:`ClickConfig` and :class:`SGPMConfig`,
+        ``in_chans``, or preset sizes to override (e.g. ``img_size``, ``sgpm_stages``).
+
+        ``sgpm``: True/False, None, an :class:`SGPMConfig` or a dict of its fields (as the bundle configs write it).
+        """
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        overrides = {k: v for k, v in _take(options, PRESETS[preset]).items() if v is not None}  # None: the preset's
+        sizes = {**PRESETS[preset], **overrides}
+        clicks = ClickConfig(**_take(options, _field_names(ClickConfig)))
+        sgpm_options = _take(options, _field_names(SGPMConfig))
+        in_chans = int(options.pop("in_chans", 1))
+        if options:
+            raise TypeError(f"unknown network options {sorted(options)}")
+        if isinstance(sgpm, SGPMConfig):
+            sgpm = replace(sgpm, **sgpm_options)
+        elif isinstance(sgpm, Mapping):
+            sgpm = SGPMConfig(**{**sgpm, **sgpm_options})
+        else:
+            sgpm = SGPMConfig(**sgpm_options) if sgpm else None
+        return cls(sizes, sgpm, clicks, in_chans)
+
+
+def _field_names(config: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(config))
+
+
+def _take(options: dict[str, Any], names) -> dict[str, Any]:
+    """Remove and return the entries of ``options`` named in ``names``."""
+    return {name: options.pop(name) for name in list(options) if name in names}
+
+
+def build_sgp_sam(
+    preset: str = "sam_med3d",
+    sgpm: bool | Mapping | SGPMConfig | None = True,
+    extensions: Sequence[Callable[[SGPSAM], Any]] = (),
+    **options: Any,
+) -> SGPSAM:
+    """Build SGP-SAM (or the plain SAM-Med3D backbone with ``sgpm=False``) from a preset.
+
+    Args:
+        preset: "sam_med3d" (released sizes), "small" or "tiny".
+        sgpm: add the Self-Gated Prompting Module (False/None = plain fine-tuning baseline); a dict or
+            :class:`SGPMConfig` sets its options.
+        extensions: callables ``extension(model)`` applied in order, e.g. ``scripts.baselines.ma_sam.MASAMConfig()``.
+        options: see :meth:`NetworkConfig.from_preset` (click switches, SGPM fields, ``in_chans``, preset sizes).
+    """
+    return build_network(NetworkConfig.from_preset(preset, sgpm, **options), extensions)
+
+
+def build_network(config: NetworkConfig, extensions: Sequence[Callable[[SGPSAM], Any]] = ()) -> SGPSAM:
+    """Build the network ``config`` describes, then apply ``extensions`` in order."""
+    cfg = config.sizes
     grid = cfg["img_size"] // cfg["patch_size"]
     encoder = ImageEncoderViT3D(
         img_size=cfg["img_size"],
         patch_size=cfg["patch_size"],
-        in_chans=in_chans,
+        in_chans=config.in_chans,
         embed_dim=cfg["embed_dim"],
         depth=cfg["depth"],
         num_heads=cfg["num_heads"],
@@ -152,7 +202,6 @@ def build_sgp_sam(
         window_size=cfg["window_size"],
         global_attn_indexes=cfg["global_attn_indexes"],
     )
-    encoder.set_attention_impl(attention_impl)
     prompt_encoder = PromptEncoder3D(
         embed_dim=cfg["out_chans"],
         image_embedding_size=(grid, grid, grid),
@@ -166,18 +215,11 @@ def build_sgp_sam(
         transformer_mlp_dim=cfg["decoder_mlp_dim"],
         iou_head_hidden_dim=cfg["iou_head_hidden_dim"],
     )
-    module = None
-    if sgpm:
-        stages = tuple(sgpm_stages if sgpm_stages is not None else cfg["sgpm_stages"])
-        bad = [s for s in stages if not 0 <= s < cfg["depth"]]
-        if bad:
-            raise ValueError(f"sgpm_stages {bad} outside the encoder's blocks 0..{cfg['depth'] - 1}")
-        fuse = {int(k): tuple(v) for k, v in (sgpm_fuse_depths or default_fuse_depths(stages, cfg["depth"])).items()}
-        module = SelfGatedPromptingModule(cfg["embed_dim"], stages, fuse, gate_mode=gate_mode, threshold=gate_threshold)
+    module = None if config.sgpm is None else _build_sgpm(config.sgpm, cfg)
     clicks = None
-    if click_map:
+    if config.clicks.click_map:
         clicks = ClickMapPrompt(cfg["out_chans"], (grid, grid, grid), (cfg["img_size"],) * 3, cfg["mask_in_chans"])
-    refine = MaskRefiner(in_chans) if refiner else None
+    refine = MaskRefiner(config.in_chans) if config.clicks.refiner else None
     model = SGPSAM(
         encoder,
         prompt_encoder,
@@ -185,26 +227,20 @@ def build_sgp_sam(
         module,
         clicks,
         refine,
-        click_consistent=click_consistent,
-        multi_click=multi_click,
+        click_consistent=config.clicks.click_consistent,
+        multi_click=config.clicks.multi_click,
     )
-    if adapter is not None:
-        if adapter != "ma_sam":
-            raise ValueError(f"unknown adapter {adapter!r}; choose None or 'ma_sam'")
-        from ..baselines.ma_sam import add_ma_sam
-
-        add_ma_sam(model, adapter_dim=adapter_dim, adapter_kernel=adapter_kernel, fact_rank=fact_rank)
-    if tags:
-        from ..baselines.text_prompts import get_text_vectors
-        from ..baselines.tags import add_tags
-
-        add_tags(
-            model,
-            anatomy_prompt=anatomy_prompt,
-            semantic_prompt=semantic_prompt,
-            text_vectors=get_text_vectors(text_source, organ=text_organ) if semantic_prompt else None,
-            levels=tags_levels,
-            align_dim=tags_align_dim,
-            mix=tags_mix,
-        )
+    for extend in extensions:
+        extend(model)
     return model
+
+
+def _build_sgpm(sgpm: SGPMConfig, sizes: Mapping[str, Any]) -> SelfGatedPromptingModule:
+    stages = tuple(sizes["sgpm_stages"])
+    bad = [s for s in stages if not 0 <= s < sizes["depth"]]
+    if bad:
+        raise ValueError(f"sgpm_stages {bad} outside the encoder's blocks 0..{sizes['depth'] - 1}")
+    fuse = {int(k): tuple(v) for k, v in (sgpm.fuse_depths or default_fuse_depths(stages, sizes["depth"])).items()}
+    return SelfGatedPromptingModule(
+        sizes["embed_dim"], stages, fuse, gate_mode=sgpm.gate_mode, threshold=sgpm.gate_threshold
+    )

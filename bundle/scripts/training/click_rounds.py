@@ -49,7 +49,6 @@ def training_rounds(
     rng: random.Random | None = None,
     generator: torch.Generator | None = None,
     encode_inputs: dict[str, Any] | None = None,
-    protocol_click_fraction: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Simulated interactive rounds with the loss summed over rounds.
 
@@ -58,10 +57,6 @@ def training_rounds(
         targets: (B, 1, S, S, S) binary lesion masks.
         loss_fn: loss on full-resolution logits vs targets.
         encode_inputs: extra ``network.encode`` inputs, e.g. ``{"anatomy": organ masks (B, 1, S, S, S)}`` (TAGS).
-        protocol_click_fraction: share of the clicks placed by the evaluation rule (:func:`next_eval_click`, the
-            deepest point of the larger error region) instead of SAM-Med3D's uniform draw from the error region
-            (0 = SAM-Med3D). A model trained only on uniform draws sees few clicks like an annotator's (or the
-            evaluation's) next to a lesion's rim, and drifts or erases small lesions on them.
 
     Returns:
         (summed loss, last round's full-resolution logits).
@@ -79,8 +74,6 @@ def training_rounds(
         with torch.no_grad():
             pred = torch.zeros_like(target_bool) if shown is None else shown > 0
             points, labels = sample_training_click(pred, target_bool, generator)
-            if protocol_click_fraction > 0 and feed_points:
-                points, labels = _protocol_clicks(pred, target_bool, points, labels, protocol_click_fraction, rng)
         if not feed_points:
             points = labels = None
         else:
@@ -98,20 +91,6 @@ def _append_clicks(history, points: torch.Tensor, labels: torch.Tensor):
     if history[0] is None:
         return points, labels
     return torch.cat([history[0], points], 1), torch.cat([history[1], labels], 1)
-
-
-def _protocol_clicks(pred, target, points, labels, fraction: float, rng: random.Random | None):
-    """Replace each sample's click, with probability ``fraction``, by the evaluation rule's click."""
-    rng = rng or random.Random()
-    points, labels = points.clone(), labels.clone()
-    for b in range(target.shape[0]):
-        if rng.random() >= fraction:
-            continue
-        click = next_eval_click(pred[b, 0].cpu().numpy(), target[b, 0].cpu().numpy())
-        if click is not None:
-            points[b, 0] = torch.as_tensor(np.asarray(click[0], dtype=np.float32), device=points.device)
-            labels[b, 0] = int(click[1])
-    return points, labels
 
 
 @torch.no_grad()

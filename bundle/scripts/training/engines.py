@@ -3,6 +3,11 @@
 MONAI's ``SupervisedTrainer``/``SupervisedEvaluator`` run one forward per batch; SAM-style training needs one
 encoder pass and many prompt rounds per batch, so we override ``_iteration`` (the VISTA3D bundle does the same)
 and keep everything else (handlers, AMP scaler, metrics, events) from MONAI.
+
+Extra losses: a network extension (``network.extensions``, e.g. a baseline's prompt branch) may bring its own
+training objective. Any extension with a ``training_losses(targets, batch)`` method returns ``(name, weight,
+value)`` terms about its last ``encode``; the step adds ``weight * value`` to the click-round loss and the trainer
+reports each value under ``name``. ``batch`` holds the batch entries the extensions list in ``batch_keys``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from monai.utils import convert_to_tensor
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
-from ..baselines.tags import tags_alignment_loss
 from .click_rounds import evaluation_clicks, training_rounds
 
 
@@ -32,65 +36,55 @@ def anatomy_inputs(batchdata: dict, anatomy_key: str | None, device: torch.devic
     return {"anatomy": organ.to(device=device, dtype=torch.float32)}
 
 
+def extension_batch_keys(network: nn.Module) -> set[str]:
+    """Batch entries the network's extensions ask for in ``training_losses``."""
+    network = getattr(network, "module", network)
+    extensions = getattr(network, "extensions", {})
+    return {key for extension in extensions.values() for key in getattr(extension, "batch_keys", ())}
+
+
+def extension_losses(network: nn.Module, targets: torch.Tensor, batch: dict) -> list[tuple[str, float, torch.Tensor]]:
+    """The ``(name, weight, value)`` training terms of the network's extensions (module docstring)."""
+    network = getattr(network, "module", network)
+    terms = []
+    for extension in getattr(network, "extensions", {}).values():
+        if hasattr(extension, "training_losses"):
+            terms += extension.training_losses(targets, batch)
+    return terms
+
+
 class ClickTrainingStep(nn.Module):
-    """One training step's forward: encode once, simulated click rounds, loss summed over rounds.
+    """One training step's forward: encode once, simulated click rounds, loss summed over rounds, plus the
+    extensions' extra losses (module docstring).
 
     Wrapping this (not the bare network) in ``DistributedDataParallel`` keeps DDP's gradient sync correct although
     the network is called many times per step.
-
-    Args:
-        align_weight: weight of the TAGS alignment loss, added once per step (the encoder runs once) when the
-            network has TAGS semantic prompts; 0 leaves it out.
-        protocol_click_fraction: share of training clicks placed by the evaluation rule (``training_rounds``).
     """
 
-    def __init__(
-        self,
-        network: nn.Module,
-        loss_function: Callable,
-        num_rounds: int = 11,
-        gate_cost: float = 0.0,
-        seed: int = 0,
-        align_weight: float = 0.0,
-        protocol_click_fraction: float = 0.0,
-    ):
+    def __init__(self, network: nn.Module, loss_function: Callable, num_rounds: int = 11, seed: int = 0):
         super().__init__()
         self.network = network
         self.loss_function = loss_function
         self.num_rounds = num_rounds
-        self.gate_cost = gate_cost
-        self.align_weight = align_weight
-        self.protocol_click_fraction = float(protocol_click_fraction)
         self.rng = random.Random(seed)
-        self.last_alignment_loss: float | None = None
+        self.last_extra_losses: dict[str, float] = {}
 
     def forward(
         self,
         images: torch.Tensor,
         targets: torch.Tensor,
         encode_inputs: dict[str, torch.Tensor] | None = None,
-        alignment_targets: torch.Tensor | None = None,
+        batch: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``encode_inputs``: e.g. the anatomy masks; ``alignment_targets``: (B, 1, S, S, S) lesion masks the TAGS
-        alignment maps are scored on (default ``targets``)."""
+        """``encode_inputs``: e.g. the anatomy masks; ``batch``: the entries the extensions' losses need."""
         loss, logits = training_rounds(
-            self.network,
-            images,
-            targets,
-            self.loss_function,
-            self.num_rounds,
-            self.rng,
-            encode_inputs=encode_inputs,
-            protocol_click_fraction=self.protocol_click_fraction,
+            self.network, images, targets, self.loss_function, self.num_rounds, self.rng, encode_inputs=encode_inputs
         )
-        sgpm = getattr(self.network, "sgpm", None)
-        if self.gate_cost and sgpm is not None and sgpm.decision_probs() is not None:
-            # Optional compute budget: pushes gates to close where fusion does not pay for itself.
-            loss = loss + self.gate_cost * sgpm.decision_probs().mean()
-        alignment = tags_alignment_loss(self.network, targets if alignment_targets is None else alignment_targets)
-        self.last_alignment_loss = None if alignment is None else float(alignment.detach())
-        if self.align_weight and alignment is not None:
-            loss = loss + self.align_weight * alignment
+        self.last_extra_losses = {}
+        for name, weight, value in extension_losses(self.network, targets, batch or {}):
+            self.last_extra_losses[name] = float(value.detach())
+            if weight:
+                loss = loss + weight * value
         return loss, logits
 
 
@@ -101,13 +95,8 @@ class InteractiveTrainer(SupervisedTrainer):
         num_rounds: click rounds per sample (SAM-Med3D: 11; one random round and the last are mask-only).
         grad_clip_norm: clip the global gradient norm (None/0 = off).
         training_step: optional pre-built (e.g. DDP-wrapped) ``ClickTrainingStep``; built from ``network`` if None.
-        gate_cost: weight of the SGPM mean-gate-probability penalty.
-        anatomy_key: batch entry holding the organ masks passed to ``encode(..., anatomy=...)`` (TAGS); None = off.
-        align_weight: weight of the TAGS alignment loss (see ``ClickTrainingStep``).
-        alignment_label_key: batch entry the alignment maps are scored on: all lesions of the crop ("label_all"),
-            since "lesion vs normal tissue" is semantic, not one instance; falls back to the target.
-        protocol_click_fraction: share of training clicks placed by the evaluation rule (0 = SAM-Med3D's uniform
-            draw from the error region; see ``click_rounds.training_rounds``).
+        seed: seed of the click draws' round schedule.
+        anatomy_key: batch entry holding the organ masks passed to ``encode(..., anatomy=...)``; None = off.
     """
 
     def __init__(
@@ -116,21 +105,14 @@ class InteractiveTrainer(SupervisedTrainer):
         num_rounds: int = 11,
         grad_clip_norm: float | None = 1.0,
         training_step: nn.Module | None = None,
-        gate_cost: float = 0.0,
         seed: int = 0,
         anatomy_key: str | None = None,
-        align_weight: float = 0.0,
-        alignment_label_key: str | None = "label_all",
-        protocol_click_fraction: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.training_step = training_step or ClickTrainingStep(
-            self.network, self.loss_function, num_rounds, gate_cost, seed, align_weight, protocol_click_fraction
-        )
+        self.training_step = training_step or ClickTrainingStep(self.network, self.loss_function, num_rounds, seed)
         self.grad_clip_norm = grad_clip_norm
         self.anatomy_key = anatomy_key
-        self.alignment_label_key = alignment_label_key
 
     def _iteration(self, engine: "InteractiveTrainer", batchdata: dict[str, torch.Tensor]) -> dict:
         if batchdata is None:
@@ -138,38 +120,42 @@ class InteractiveTrainer(SupervisedTrainer):
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         images, targets = batch[0], batch[1]
         encode_inputs = anatomy_inputs(batchdata, engine.anatomy_key, images.device)
-        alignment_targets = batchdata.get(engine.alignment_label_key) if engine.alignment_label_key else None
-        if alignment_targets is not None:
-            alignment_targets = convert_to_tensor(alignment_targets, track_meta=False).to(images.device)
+        extras = {
+            key: convert_to_tensor(batchdata[key], track_meta=False).to(images.device)
+            for key in sorted(extension_batch_keys(engine.network))
+            if key in batchdata
+        }
         engine.state.output = {Keys.IMAGE: images, Keys.LABEL: targets}
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         use_amp = engine.amp and images.device.type == "cuda"
         with torch.autocast("cuda", **engine.amp_kwargs) if use_amp else nullcontext():
-            loss, logits = engine.training_step(images, targets, encode_inputs, alignment_targets)
+            loss, logits = engine.training_step(images, targets, encode_inputs, extras)
         engine.state.output[Keys.PRED] = logits.detach()
         engine.state.output[Keys.LOSS] = loss.detach()
-        alignment = getattr(engine.training_step, "module", engine.training_step).last_alignment_loss
-        if alignment is not None:
-            engine.state.output["alignment_loss"] = alignment
+        engine.state.output.update(getattr(engine.training_step, "module", engine.training_step).last_extra_losses)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        params = [p for g in engine.optimizer.param_groups for p in g["params"]]
-        if use_amp and engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.unscale_(engine.optimizer)
-            if engine.grad_clip_norm:
-                torch.nn.utils.clip_grad_norm_(params, engine.grad_clip_norm)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            if engine.grad_clip_norm:
-                torch.nn.utils.clip_grad_norm_(params, engine.grad_clip_norm)
-            engine.optimizer.step()
+        engine._step(loss, use_amp)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+    def _step(self, loss: torch.Tensor, use_amp: bool) -> None:
+        """Backward (scaled under AMP), gradient clipping and the optimiser step."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if use_amp and self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            self.scaler.unscale_(self.optimizer)
+            if self.grad_clip_norm:
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            if self.grad_clip_norm:
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
+            self.optimizer.step()
 
 
 def dice_after_clicks_keys(clicks: Sequence[int]) -> list[str]:

@@ -105,8 +105,8 @@ class ZoomLoss(nn.Module):
       as well keeps false-positive blobs (and their rims) in focus even when they are away from the lesion or the
       crop has no lesion. ``zoom_on_prediction=False`` uses the target alone (ablation).
     * In ``F_b(Zr)`` the background sum is divided by the size of the lesion's own rim,
-      ``|dilate_m(y) \ y|``, not by the background count of ``Zr`` (``rim_normalised``; the region count where
-      the crop has no lesion). Dividing by ``Zr``'s count would let a false-positive blob dilute itself: the blob
+      ``|dilate_m(y) \ y|``, not by the background count of ``Zr`` (``background_divisor="rim"``; the region count
+      where the crop has no lesion). Dividing by ``Zr``'s count would let a false-positive blob dilute itself: the blob
       enlarges the region it is averaged over, so its mean saturates and the loss hardly cares how big it is. A
       tiny lesion then gets a blob of the size that suits large lesions. With the rim as divisor, false-positive
       voxels cost in proportion to the lesion's scale: a 4-voxel lesion's blob of 4000 voxels costs about ten
@@ -128,12 +128,10 @@ class ZoomLoss(nn.Module):
         zoom_weight: w_z, weight of the zoom-region focal term (0 disables it).
         dice_weight: w_d, weight of the Dice term.
         zoom_on_prediction: also dilate the predicted foreground into the zoom region.
-        rim_normalised: divide the zoom term's background sum by the lesion rim's size (see above; False: by the
-            zoom region's background count, the earlier form, for ablation).
         background_divisor: what divides the zoom term's background sum: "rim" (the lesion rim's size), "lesion"
             (the lesion's voxel count: a false positive then costs the same fraction of a miss whatever the lesion's
-            size; docs/method.md, "Lesion divisor") or "region" (the zoom region's background count). None takes
-            it from ``rim_normalised``. A crop without a lesion always uses the region's count.
+            size; docs/method.md, "Lesion divisor") or "region" (the zoom region's background count, the earliest
+            form, for ablation). A crop without a lesion always uses the region's count.
         reduction: "mean" | "sum" over the batch, or "none" for a ``(B,)`` tensor.
         smooth: Dice numerator/denominator smoothing.
     """
@@ -147,14 +145,11 @@ class ZoomLoss(nn.Module):
         zoom_weight: float = 1.0,
         dice_weight: float = 1.0,
         zoom_on_prediction: bool = True,
-        rim_normalised: bool = True,
+        background_divisor: str = "rim",
         reduction: str = "mean",
         smooth: float = 1e-5,
-        background_divisor: str | None = None,
     ) -> None:
         super().__init__()
-        if background_divisor is None:
-            background_divisor = "rim" if rim_normalised else "region"
         if background_divisor not in BACKGROUND_DIVISORS:
             raise ValueError(f"background_divisor must be one of {BACKGROUND_DIVISORS}, got {background_divisor!r}")
         if not 0.0 <= alpha_fg <= 1.0:

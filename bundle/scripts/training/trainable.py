@@ -1,8 +1,14 @@
-"""Which parameters train (parameter-efficient transfer) and their optimiser groups."""
+"""Which parameters train (parameter-efficient transfer) and their optimiser groups.
+
+Parameters are grouped by the network's top-level child: ``image_encoder``, ``prompt_encoder``, ``mask_decoder``,
+``sgpm`` and ``extensions`` (the baselines' adapters and prompts). The click map is a second prompt encoder and trains
+with ``prompt_encoder``; the refiner finishes the decoder's mask and trains with ``mask_decoder``.
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -12,6 +18,8 @@ from ..checkpoint import load_weights
 logger = logging.getLogger("sgpsam")
 
 GROUPS = ("image_encoder", "prompt_encoder", "click_map", "mask_decoder", "refiner", "sgpm", "extensions")
+TRAINABLE_GROUPS = ("image_encoder", "prompt_encoder", "mask_decoder", "sgpm", "extensions")
+FOLLOWS = {"click_map": "prompt_encoder", "refiner": "mask_decoder"}  # groups that train with another one
 
 
 def parameter_group(name: str) -> str:
@@ -21,27 +29,17 @@ def parameter_group(name: str) -> str:
 
 
 def set_trainable(
-    model: nn.Module,
-    train_image_encoder: bool = False,
-    train_prompt_encoder: bool = True,
-    train_mask_decoder: bool = True,
-    train_sgpm: bool = True,
-    train_extensions: bool = True,
+    model: nn.Module, trainable: Sequence[str] = ("prompt_encoder", "mask_decoder", "sgpm", "extensions")
 ) -> dict[str, dict[str, int]]:
-    """Freeze/unfreeze by group (default: frozen encoder; SGPM, extensions, prompt encoder, decoder train).
-
-    Returns the parameter counts per group (see ``count_parameters``).
+    """Train the parameter groups listed in ``trainable`` (names of ``TRAINABLE_GROUPS``) and freeze the rest; the
+    default freezes the image encoder. Returns the parameter counts per group (see ``count_parameters``).
     """
-    flags = {
-        "image_encoder": train_image_encoder,
-        "prompt_encoder": train_prompt_encoder,
-        "click_map": train_prompt_encoder,  # the click map is a second prompt encoder, trained with the first
-        "mask_decoder": train_mask_decoder,
-        "refiner": train_mask_decoder,  # the refiner finishes the decoder's mask, trained with it
-        "sgpm": train_sgpm,
-        "extensions": train_extensions,
-        "other": True,
-    }
+    unknown = sorted(set(trainable) - set(TRAINABLE_GROUPS))
+    if unknown:
+        raise ValueError(f"unknown trainable groups {unknown}; choose among {list(TRAINABLE_GROUPS)}")
+    flags = {group: group in trainable for group in TRAINABLE_GROUPS}
+    flags.update({group: flags[leader] for group, leader in FOLLOWS.items()})
+    flags["other"] = True
     for name, param in model.named_parameters():
         param.requires_grad_(flags[parameter_group(name)])
     return count_parameters(model)
@@ -94,11 +92,7 @@ def optimizer_param_groups(
 def prepare_network(
     network: torch.nn.Module,
     pretrained_ckpt: str | None = None,
-    train_image_encoder: bool = False,
-    train_prompt_encoder: bool = True,
-    train_mask_decoder: bool = True,
-    train_sgpm: bool = True,
-    train_extensions: bool = True,
+    trainable: Sequence[str] = ("prompt_encoder", "mask_decoder", "sgpm", "extensions"),
     device: str | torch.device = "cpu",
 ) -> torch.nn.Module:
     """Load a SAM-Med3D / SGP-SAM checkpoint (strictly into the backbone), set the trainable groups, move to device."""
@@ -110,8 +104,6 @@ def prepare_network(
             pretrained_ckpt,
             len(report["initialised"]),
         )
-    counts = set_trainable(
-        network, train_image_encoder, train_prompt_encoder, train_mask_decoder, train_sgpm, train_extensions
-    )
+    counts = set_trainable(network, trainable)
     logger.info("trainable parameters:\n%s", format_parameter_counts(counts))
     return network.to(device)
