@@ -9,8 +9,10 @@ annotators (who save labels). Latency is not asserted here: ``benchmarks/bench_m
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -178,14 +180,18 @@ def test_info_and_other_images_answer_while_a_first_click_runs(server):
     done: list[str] = []
     lock = threading.Lock()
 
-    def first_click():
-        server.infer("big", {"foreground": [[150, 150, 80]]}, client_id="big-reader")
+    def first_click():  # the params only (output=json): the big mask's download would blur the order
+        params = json.dumps({"foreground": [[150, 150, 80]], "client_id": "big-reader"})
+        url = f"{server.url}/infer/{MODEL}?image=big&output=json"
+        assert requests.post(url, files={"params": (None, params)}, timeout=600).status_code == 200
         with lock:
             done.append("first click")
 
     thread = threading.Thread(target=first_click)
     thread.start()
-    try:
+    try:  # start only once the server is working on the first click (it logs the request before running it)
+        while thread.is_alive() and "'image': 'big'" not in server.log.read_text(errors="replace"):
+            time.sleep(0.05)
         while thread.is_alive():
             info = requests.get(f"{server.url}/info/", timeout=60)
             assert info.status_code == 200

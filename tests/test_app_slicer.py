@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
+import torch
 from app_testing import APP_DIR, MODEL, AppServer, blob_image, make_cube_checkpoint, write_image
+from fastapi import HTTPException
 from monailabel.client.client import MONAILabelClientException
 from requests_toolbelt.adapters.source import SourceAddressAdapter
 
@@ -236,3 +238,54 @@ def test_model_upload_and_delete_never_touch_the_start_checkpoint(server, tmp_pa
     assert hashlib.sha256(server.checkpoint.read_bytes()).hexdigest() == before, "the start checkpoint changed"
     _, params, _ = click(server, "case1", "lesion", [CLICK], client_id="after-delete", reset_state=True)
     assert params["model_version"].startswith("cube.pt@")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# in-process checks of the app's pieces (no server): the work one click may cost, train requests (items 4, 8)
+# ----------------------------------------------------------------------------------------------------------------
+def _app_modules():
+    sys.path.insert(0, str(APP_DIR))
+    try:
+        from lib.infers.sgpsam import SGPSAMInfer
+        from lib.settings import AppSettings
+        from lib.trainers.sgpsam import resolve_device
+    finally:
+        sys.path.remove(str(APP_DIR))
+    return SGPSAMInfer, AppSettings, resolve_device
+
+
+def _whole_crop(network):
+    """The network with a decoder whose logits are large and positive everywhere: every mask fills its crop."""
+    with torch.no_grad():
+        network.mask_decoder.output_upscaling[3].weight.zero_()
+        network.mask_decoder.output_upscaling[3].bias.fill_(1.0)
+        for mlp in network.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.zero_()
+            mlp.layers[-1].bias.fill_(10.0)
+    return network
+
+
+def test_one_click_costs_at_most_max_windows_crops_and_max_objects_lesions(tmp_path):
+    SGPSAMInfer, AppSettings, _ = _app_modules()
+    conf = {"preset": "tiny", "checkpoint": "random", "device": "cpu", "model_dir": str(tmp_path / "model")}
+    task = SGPSAMInfer(AppSettings.from_conf({**conf, "max_windows": 2, "max_objects": 1}))
+    task.engine.set_network(_whole_crop(task.model().network), "whole-crop")
+    path = tmp_path / "wide.nrrd"
+    write_image(path, np.full((220, 40, 30), 100, np.int16), (1.5, 1.5, 1.5))
+    request = {"image": str(path), "image_id": "wide", "foreground": [[110, 20, 15]]}
+    result = task.run_inferer(dict(request))["result"]
+    assert result["windows"] == 2 and result["encoder_runs"] == 2, "the mask touches every face: capped at 2 crops"
+    request["foreground"] = [[110, 20, 15], [5, 20, 15]]  # outside the first crop: a second lesion
+    with pytest.raises(HTTPException, match="at most 1 per session") as err:
+        task.run_inferer(dict(request))
+    assert err.value.status_code == 422
+
+
+def test_train_device_from_slicer_is_mapped_or_ignored():
+    _, _, resolve_device = _app_modules()
+    assert resolve_device("cpu", "cuda") == "cpu"
+    assert resolve_device(["cpu"], "cuda") == "cpu"  # MONAI Label's device list, first entry
+    assert resolve_device("NVIDIA Unknown GPU 9000", "cpu") == "cpu"  # not on this server: --conf device
+    assert resolve_device(None, "cpu") == "cpu"
+    with pytest.raises(ValueError, match="device must be a name"):
+        resolve_device(5, "cpu")
