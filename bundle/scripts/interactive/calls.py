@@ -25,11 +25,8 @@ class ImageLocks:
 
     @contextlib.contextmanager
     def hold(self, image_id: Hashable):
-        with self._guard:
+        with self._guard:  # one lock object per image for the engine's life (a few hundred bytes each)
             lock = self._locks.setdefault(image_id, threading.Lock())
-            if len(self._locks) > 4096:  # forget idle images' locks
-                for key in [k for k, v in self._locks.items() if k != image_id and not v.locked()]:
-                    del self._locks[key]
         with lock:
             yield
 

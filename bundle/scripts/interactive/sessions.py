@@ -123,7 +123,7 @@ class SessionStore:
         now = time.monotonic()
         with self._lock:
             if self.idle_s is not None:
-                for idle in [k for k, v in self._sessions.items() if now - v.last_used > self.idle_s and k != key]:
+                for idle in [k for k, v in self._sessions.items() if now - v.last_used > self.idle_s]:
                     del self._sessions[idle]
             if reset:
                 self._sessions.pop(key, None)
