@@ -7,9 +7,11 @@ One real server (``monailabel start_server``, 127.0.0.1, tiny preset, hand-set `
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -289,3 +291,40 @@ def test_train_device_from_slicer_is_mapped_or_ignored():
     assert resolve_device(None, "cpu") == "cpu"
     with pytest.raises(ValueError, match="device must be a name"):
         resolve_device(5, "cpu")
+
+
+def _small_case(tmp_path):
+    path = tmp_path / "small.nrrd"
+    image, _ = blob_image((40, 40, 24), centre=[20, 20, 12], radius=4)
+    write_image(path, image, (1.5, 1.5, 1.5))
+    return str(path)
+
+
+def test_a_session_keeps_its_weights_until_reset_or_idle(tmp_path):
+    SGPSAMInfer, AppSettings, _ = _app_modules()
+    conf = {"preset": "tiny", "checkpoint": "random", "device": "cpu", "model_dir": str(tmp_path / "model")}
+    engine = SGPSAMInfer(AppSettings.from_conf({**conf, "session_idle_s": 2})).engine
+    path, first = _small_case(tmp_path), [20, 20, 12]
+    started = engine.segment(path, path, [first], [], session_key="a").info["model_version"]
+    engine.set_network(_whole_crop(copy.deepcopy(engine.network)), "retrained")
+    assert engine.segment(path, path, [first, [21, 20, 12]], [], session_key="a").info["model_version"] == started
+    assert engine.segment(path, path, [first], [], session_key="b").info["model_version"] == "retrained"
+    assert engine.segment(path, path, [first], [], session_key="a", reset=True).info["model_version"] == "retrained"
+    engine.segment(path, path, [first], [], session_key="c")
+    time.sleep(2.5)  # idle longer than session_idle_s: dropped, the next click starts over
+    again = engine.segment(path, path, [first, [22, 20, 12]], [], session_key="c").info
+    assert again["new_clicks"] == 2 and again["undone_clicks"] == 0
+
+
+@pytest.mark.parametrize("limit", [{"cache_mb": 1}, {"max_sessions": 1}])
+def test_click_histories_count_in_one_memory_budget_and_the_oldest_session_goes_first(tmp_path, limit):
+    SGPSAMInfer, AppSettings, _ = _app_modules()
+    conf = {"preset": "tiny", "checkpoint": "random", "device": "cpu", "model_dir": str(tmp_path / "model")}
+    engine = SGPSAMInfer(AppSettings.from_conf({**conf, **limit})).engine
+    path, first = _small_case(tmp_path), [20, 20, 12]
+    engine.segment(path, path, [first], [], session_key="old")
+    engine.segment(path, path, [first], [], session_key="new")  # 64^3 float16 logits per round: 0.5 MiB
+    again = engine.segment(path, path, [first, [21, 20, 12]], [], session_key="old").info
+    assert again["new_clicks"] == 2, "the least recently used session should have been dropped"
+    held = engine._cache.total + engine._sessions.nbytes()
+    assert held <= engine.max_bytes or "max_sessions" in limit
