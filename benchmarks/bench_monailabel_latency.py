@@ -8,8 +8,9 @@ in 3D Slicer does; the plugin re-sends all clicks). Round trip = ``MONAILabelCli
 multipart, mask file written and read back). Medians over all first / all repeat clicks.
 
 Weights (``--weights``): ``random`` (random initialisation; its masks can spread over the crop and trigger the
-large-lesion extension windows, i.e. more encoder/decoder runs) and ``cube`` (``lib/testing.py``: same network and
-FLOPs, hand-set weights whose mask is a cube inside one window, the typical lesion path). No checkpoint download.
+large-lesion extension windows, i.e. more encoder/decoder runs, up to ``--conf max_windows``) and ``cube``
+(``tests/app_testing.py``: same network and FLOPs, hand-set weights whose mask is a cube inside one window, the
+typical lesion path). No checkpoint download.
 
     python benchmarks/bench_monailabel_latency.py                      # tiny + sam_med3d, cube + random, CPU
     python benchmarks/bench_monailabel_latency.py --presets sam_med3d --weights cube --repeats 5 --device cuda
@@ -21,10 +22,7 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,16 +31,9 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-APP_DIR = REPO_ROOT / "apps" / "sgpsam_label"
 DATA_DIR = REPO_ROOT / "tests" / "data"  # the vendored pyradiomics MR cases
-for path in (REPO_ROOT / "bundle", APP_DIR):
+for path in (REPO_ROOT / "bundle", REPO_ROOT / "tests"):
     sys.path.insert(0, str(path))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def lesion_click(label_path: Path) -> list[int]:
@@ -54,58 +45,8 @@ def lesion_click(label_path: Path) -> list[int]:
     return [int(v) for v in np.unravel_index(int(np.argmax(dist)), dist.shape)]
 
 
-class Server:
-    def __init__(self, root: Path, preset: str, checkpoint: str, device: str, timeout: float = 600) -> None:
-        self.root = root
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        cli = Path(sys.executable).parent / "monailabel"
-        cmd = [str(cli)] if cli.exists() else [sys.executable, "-m", "monailabel.main"]
-        cmd += ["start_server", "--app", str(APP_DIR), "--studies", str(root / "studies"), "--host", "127.0.0.1"]
-        cmd += ["--port", str(port), "--conf", "preset", preset, "--conf", "checkpoint", checkpoint]
-        cmd += ["--conf", "model_dir", str(root / "model"), "--conf", "device", device]
-        env = {
-            **os.environ,
-            "MONAILABEL_PYEXE": sys.executable,
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "MONAI_LABEL_SESSION_PATH": str(root / "sessions"),
-            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",  # no background scoring competing for the CPU
-        }
-        self.log = root / "server.log"
-        with open(self.log, "wb") as fh:
-            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self._wait(timeout)
-
-    def _wait(self, timeout: float) -> None:
-        import requests
-
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}); see {self.log}")
-            try:
-                if requests.get(f"{self.url}/info/", timeout=5).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"server did not start within {timeout} s; see {self.log}")
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 def run_preset(preset: str, weights: str, args, click: list[int], image: Path) -> dict:
-    from lib.testing import make_cube_checkpoint
-    from monailabel.client import MONAILabelClient
+    from app_testing import AppServer, make_cube_checkpoint
 
     with tempfile.TemporaryDirectory(prefix=f"bench_{preset}_") as tmp:
         root = Path(tmp)
@@ -119,10 +60,12 @@ def run_preset(preset: str, weights: str, args, click: list[int], image: Path) -
             checkpoint = str(root / "cube.pt")
             make_cube_checkpoint(checkpoint, preset)
         t0 = time.time()
-        server = Server(root, preset, checkpoint, args.device)
+        conf = {"preset": preset, "checkpoint": checkpoint, "model_dir": root / "model", "device": args.device}
+        env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}  # no background scoring competing for the CPU
+        server = AppServer(root, root / "studies", conf, env=env, timeout=600)
         start_s = time.time() - t0
         try:
-            client = MONAILabelClient(server.url, tmpdir=str(root / "client"))
+            client = server.client()
             first, repeat, server_first, server_repeat, rows = [], [], [], [], []
             for name in names:
                 clicks = []
