@@ -43,7 +43,10 @@ def file_shape(path: str) -> tuple[int, int, int]:
     """Voxel grid of an image file from its header (the array shape MONAI's readers give, channel aside)."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
-    reader.ReadImageInformation()
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise unprocessable("the image's header cannot be read with ITK, so an ROI cannot be applied") from None
     return tuple(int(s) for s in reader.GetSize()[:3])
 
 
