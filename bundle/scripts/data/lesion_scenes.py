@@ -77,7 +77,7 @@ def ct_intensities(rng, phase: str) -> tuple[np.ndarray, np.ndarray]:
         A.MUSCLE: (35, 55),
         A.CORTICAL: (700, 1500),
         A.CANCELLOUS: (200, 400),
-        A.LUNG: (-940, -780),
+        A.LUNG: (-950, -790),
         A.AIRWAY: (-1000, -960),
         A.FLUID: (-10, 20),
         A.WM: (20, 30),
@@ -101,7 +101,7 @@ def random_intensities(rng, lo: float, hi: float) -> tuple[np.ndarray, np.ndarra
     dark in most MR-like cases (magnitude images have a noise floor there) and cortical bone is usually dark."""
     span = hi - lo
     mean = rng.uniform(lo, hi, len(A.TISSUES)).astype(np.float32)
-    std = (rng.uniform(0.0, 0.06, len(A.TISSUES)) * span).astype(np.float32)
+    std = (rng.uniform(0.0, 0.04, len(A.TISSUES)) * span).astype(np.float32)
     if rng.uniform() < 0.9:
         mean[A.AIR], std[A.AIR] = lo + rng.uniform(0, 0.04) * span, 0.0
     if rng.uniform() < 0.8:
@@ -153,11 +153,11 @@ def acquire(rng, image: np.ndarray, grid: WorkGrid, modality: str) -> tuple[np.n
     )[0, 0].numpy()
     image = RandAdjustContrast(prob=1.0, gamma=(0.6, 1.6)).set_random_state(seed + 1)(image[None] * bias)
     image = convert_to_numpy(image)[0]
-    relative = float(rng.uniform(0.01, 0.05))
+    relative = float(np.exp(rng.uniform(np.log(0.003), np.log(0.03))))
     level = relative * float(np.percentile(image[::4, ::4], 99))
     real = image + level * rng.standard_normal(image.shape, dtype=np.float32)
     image = np.sqrt(real * real + np.square(level * rng.standard_normal(image.shape, dtype=np.float32)))  # Rician
-    return image.astype(np.float32), {"noise_rel": round(relative, 3), "psf_voxels": round(psf, 2)}
+    return image.astype(np.float32), {"noise_rel": round(relative, 4), "psf_voxels": round(psf, 2)}
 
 
 def generate_scene(rng: np.random.Generator, kind: str | None = None, modality: str | None = None, diameters=None):

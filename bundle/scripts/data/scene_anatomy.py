@@ -170,7 +170,7 @@ def vessel_tree(rng, grid: WorkGrid, box, sigma_mm: float, radii, hilum=None, ta
     taper = np.float32(1.0)
     if hilum is not None:
         dist = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid.mesh(box), hilum)))
-        taper = 0.6 + 1.6 * np.exp(-dist / taper_mm)
+        taper = 0.6 + 1.2 * np.exp(-dist / taper_mm)
     return [np.square(n1 - 0.8 * i) + np.square(n2) < np.square(np.float32(r) * taper) for i, r in enumerate(radii)]
 
 
@@ -245,7 +245,7 @@ def build_chest(rng, grid: WorkGrid) -> Anatomy:
     lung = tissue == LUNG
     box = bounding_box(lung)
     if box is not None:
-        radii = (rng.uniform(0.25, 0.4), rng.uniform(0.08, 0.14))
+        radii = (rng.uniform(0.2, 0.32), rng.uniform(0.08, 0.14))
         tubes, airways = vessel_tree(rng, grid, box, rng.uniform(7, 12), radii, hilum, rng.uniform(40, 80))
         tissue[box][tubes & lung[box]] = VESSEL
         tissue[box][airways & lung[box]] = AIRWAY

@@ -59,12 +59,18 @@ class LesionShape:
         return ndimage.map_coordinates(self.table, [rows, cols], order=1, mode="nearest")
 
     def q(self, mesh_rel: list[np.ndarray], radius_mm: float) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised radius q (X, Y, Z) and local border radius (mm) for offsets ``mesh_rel`` from the centre."""
-        rel = np.stack(np.broadcast_arrays(*mesh_rel), axis=-1)
-        y = (rel @ self.rotation.astype(np.float32)) / self.stretch.astype(np.float32)
-        r = np.linalg.norm(y, axis=-1)
-        f = self.radius(y / np.maximum(r, 1e-6)[..., None]) * np.float32(radius_mm)
-        return (r / f).astype(np.float32), f.astype(np.float32)
+        """Normalised radius q (X, Y, Z) and local border radius (mm) for offsets ``mesh_rel`` from the centre
+        (sparse, as from ``WorkGrid.mesh``); slab by slab along x, which bounds the temporaries of big lesions."""
+        shape = np.broadcast_shapes(*(m.shape for m in mesh_rel))
+        q, f = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        step = max(1, (1 << 20) // (shape[1] * shape[2]))
+        for i in range(0, shape[0], step):
+            rel = np.stack(np.broadcast_arrays(mesh_rel[0][i : i + step], *mesh_rel[1:]), axis=-1)
+            y = (rel @ self.rotation.astype(np.float32)) / self.stretch.astype(np.float32)
+            r = np.linalg.norm(y, axis=-1)
+            f[i : i + step] = self.radius(y / np.maximum(r, 1e-6)[..., None]) * np.float32(radius_mm)
+            q[i : i + step] = r / f[i : i + step]
+        return q, f
 
 
 @dataclass
@@ -93,7 +99,7 @@ def ct_look(rng, site: str, host: float) -> Look:
     border, het = rng.uniform(0.3, 2.0), rng.uniform(3.0, 15.0)
     if site == "lung":
         kind = rng.choice(
-            ["solid", "ground_glass", "part_solid", "calcified", "cavitated"], p=[0.55, 0.12, 0.13, 0.05, 0.15]
+            ["solid", "ground_glass", "part_solid", "calcified", "cavitated"], p=[0.62, 0.08, 0.1, 0.05, 0.15]
         )
         look = Look(
             rng.uniform(10, 60),
@@ -131,20 +137,21 @@ def ct_look(rng, site: str, host: float) -> Look:
 
 def random_look(rng, site: str, host: float, lo: float, hi: float) -> Look:
     """SynthSeg-style recipe: every part a random intensity in [lo, hi], the lesion brighter or darker than its host
-    (both polarities) by at least a small fraction of the range, so that the label stays visible."""
+    (both polarities; brighter more often in brain and breast, where lesions enhance) by at least 12 % of the range,
+    so that the label stays visible."""
     span = hi - lo
 
-    def away_from(value: float, min_rel: float, max_rel: float) -> float:
-        sign = rng.choice([-1.0, 1.0])
+    def away_from(value: float, min_rel: float, max_rel: float, p_up: float = 0.5) -> float:
+        sign = 1.0 if rng.uniform() < p_up else -1.0
         if not lo + min_rel * span <= value + sign * min_rel * span <= hi:
             sign = -sign  # no room on that side
         return float(np.clip(value + sign * rng.uniform(min_rel, max_rel) * span, lo, hi))
 
     look = Look(
-        away_from(host, 0.08, 0.6),
+        away_from(host, 0.12, 0.6, 0.7 if site in ("brain", "breast") else 0.5),
         border_mm=rng.uniform(0.3, 2.5),
         kind="random",
-        heterogeneity=rng.uniform(0.0, 0.08) * span,
+        heterogeneity=rng.uniform(0.0, 0.05) * span,
         spiculated=bool(rng.uniform() < 0.2),
     )
     if rng.uniform() < 0.35:
