@@ -49,7 +49,7 @@ def main() -> None:
     config.read_config(str(REPO_ROOT / "bundle" / "configs" / "train.json"))
     overrides = {
         "preset": args.preset,
-        "roi_size": args.roi_size,
+        "preprocessing#roi_size": args.roi_size,
         "batch_size": args.batch_size,
         "num_rounds": args.num_rounds,
         "amp": not args.no_amp,

@@ -139,7 +139,7 @@ def network_overrides(network_preset: str = "tiny") -> dict[str, Any]:
         "zoom_loss#background_divisor": "region",
     }
     if network_preset != "tiny":
-        overrides.update(preset=network_preset, roi_size=PRESETS[network_preset]["img_size"])
+        overrides.update({"preset": network_preset, "preprocessing#roi_size": PRESETS[network_preset]["img_size"]})
     return overrides
 
 

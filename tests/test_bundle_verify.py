@@ -53,8 +53,9 @@ def test_metadata_matches_the_bundle():
     train = json.loads((CONFIGS / "train.json").read_text())
     image = meta["network_data_format"]["inputs"]["image"]
     pred = meta["network_data_format"]["outputs"]["pred"]
-    assert image["spatial_shape"] == [train["roi_size"]] * 3 and image["num_channels"] == 1
-    assert pred["spatial_shape"] == [train["roi_size"] // 4] * 3 and pred["num_channels"] == 1
+    roi_size = train["preprocessing"]["roi_size"]
+    assert image["spatial_shape"] == [roi_size] * 3 and image["num_channels"] == 1
+    assert pred["spatial_shape"] == [roi_size // 4] * 3 and pred["num_channels"] == 1
     assert meta["schema"].startswith("https://") and meta["schema"].endswith(".json")
 
 

@@ -358,7 +358,7 @@ def test_msd_liver_organ_mask_is_liver_with_its_tumours(tmp_path):
     root = make_fake_msd(tmp_path / "Task03_Liver", "liver", num_cases=3)
     parser = _parser(
         TRAIN_JSON, REPO_ROOT / "configs" / "msd_liver_tumour.json", _method("method_tags.json"),
-        dataset_dir=str(root), num_val_cases=1, num_test_cases=1, roi_size=32, preset="tiny",
+        dataset_dir=str(root), num_val_cases=1, num_test_cases=1, preset="tiny", **{"preprocessing#roi_size": 32},
     )  # fmt: skip
     assert parser.get_parsed_content("organ#name") == "liver"
     val = parser.get_parsed_content("val_datalist")

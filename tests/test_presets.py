@@ -13,6 +13,7 @@ from monai.bundle import ConfigParser
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_JSON = REPO_ROOT / "bundle" / "configs" / "train.json"
 PRESETS = sorted((REPO_ROOT / "configs").glob("*.json"))
+ROI_32 = {"preprocessing#roi_size": 32}
 MSD_PRESETS = {"msd_liver_tumour.json": (2, None, True), "msd_brain_enhancing_tumour.json": (3, 2, False)}
 
 
@@ -34,7 +35,7 @@ def test_preset_merges_and_resolves(preset):
         items = value if isinstance(value, list) else [value]
         if not any(isinstance(v, dict) or (isinstance(v, str) and v[:1] in "$@%") for v in items):
             assert parser.get_parsed_content(key) == value, key
-    for key in ("preset", "roi_size", "target_label", "image_channel", "ct_clamp", "sgpm", "loss", "amp"):
+    for key in ("preset", "preprocessing", "target_label", "sgpm", "loss", "amp"):
         parser.get_parsed_content(key)
     assert parser.get_parsed_content("preset") in ("tiny", "small", "sam_med3d")
     assert parser["network_def"]["_target_"]
@@ -45,20 +46,23 @@ def test_msd_preset_values(preset, expected):
     target_label, image_channel, ct_clamp = expected
     parser = parse(preset)
     assert parser.get_parsed_content("target_label") == target_label
-    assert parser.get_parsed_content("image_channel") == image_channel
-    assert parser.get_parsed_content("ct_clamp") is ct_clamp
+    assert parser.get_parsed_content("preprocessing#image_channel") == image_channel
+    assert parser.get_parsed_content("preprocessing#ct_clamp") is ct_clamp
     assert parser.get_parsed_content("preset") == "sam_med3d"
-    assert parser.get_parsed_content("roi_size") == 128
+    assert parser.get_parsed_content("preprocessing#roi_size") == 128
+    assert parser.get_parsed_content("preprocessing#normalisation") == "upstream"
     assert parser.get_parsed_content("amp") is True
     assert parser.get_parsed_content("num_val_cases") == 10
     assert parser.get_parsed_content("dataset_dir").startswith("/data/Task0")
     # the preprocessing components take the preset's label / channel / clamp
-    pre = parser["train#preprocessing"]
-    assert (pre["target_label"], pre["image_channel"], pre["ct_clamp"]) == (
-        "@target_label",
-        "@image_channel",
-        "@ct_clamp",
-    )
+    for pipeline in ("train", "validate"):
+        pre = parser[f"{pipeline}#preprocessing"]
+        assert (pre["target_label"], pre["image_channel"], pre["ct_clamp"], pre["normalisation"]) == (
+            "@target_label",
+            "@preprocessing::image_channel",  # MONAI writes the "#" of a reference as "::"
+            "@preprocessing::ct_clamp",
+            "@preprocessing::normalisation",
+        )
 
 
 def test_sam_med3d_networks_instantiate():
@@ -138,7 +142,7 @@ def _case(item) -> str:
 def test_liver_preset_split_and_tumour_label(tmp_path):
     root = make_fake_msd(tmp_path / "Task03_Liver", "liver", num_cases=4)
     parser = parse(
-        "msd_liver_tumour.json", dataset_dir=str(root), num_val_cases=1, num_test_cases=1, roi_size=32, preset="tiny"
+        "msd_liver_tumour.json", dataset_dir=str(root), num_val_cases=1, num_test_cases=1, preset="tiny", **ROI_32
     )
     train = parser.get_parsed_content("train_datalist")
     val = parser.get_parsed_content("val_datalist")
@@ -165,9 +169,9 @@ def test_liver_preset_split_and_tumour_label(tmp_path):
 
     pre = get_preprocess_transforms(
         target_label=parser.get_parsed_content("target_label"),
-        image_channel=parser.get_parsed_content("image_channel"),
-        ct_clamp=parser.get_parsed_content("ct_clamp"),
-        spacing=parser.get_parsed_content("spacing"),
+        image_channel=parser.get_parsed_content("preprocessing#image_channel"),
+        ct_clamp=parser.get_parsed_content("preprocessing#ct_clamp"),
+        spacing=parser.get_parsed_content("preprocessing#spacing"),
     )(dict(val[0]))
     assert pre["image"].min().item() == -1000.0 and pre["image"].max().item() == 1000.0
     assert pre["label"].sum().item() == 27 + 64
@@ -180,8 +184,8 @@ def test_brain_preset_selects_t1gd_and_enhancing_tumour(tmp_path):
         dataset_dir=str(root),
         num_val_cases=1,
         num_test_cases=1,
-        roi_size=32,
         preset="tiny",
+        **ROI_32,
     )
     val = parser.get_parsed_content("val_datalist")
     assert [_case(i) for i in parser.get_parsed_content("train_datalist")] == ["BRATS_0"]
@@ -196,8 +200,8 @@ def test_brain_preset_selects_t1gd_and_enhancing_tumour(tmp_path):
 
     pre = get_preprocess_transforms(
         target_label=parser.get_parsed_content("target_label"),
-        image_channel=parser.get_parsed_content("image_channel"),
-        ct_clamp=parser.get_parsed_content("ct_clamp"),
+        image_channel=parser.get_parsed_content("preprocessing#image_channel"),
+        ct_clamp=parser.get_parsed_content("preprocessing#ct_clamp"),
     )(dict(val[0]))
     image = pre["image"]
     assert image.shape[0] == 1

@@ -3,7 +3,7 @@
 Protocol (deterministic, RITM-style, as SAM-Med3D's interactive evaluation):
     * every test case is preprocessed like training (RAS, ``spacing`` mm, channel / CT clamp / target label);
     * every lesion = connected component (26-connectivity) of the target label in the RESAMPLED label is a separate
-      target: an ``S``³ crop (``S = network.img_size``) centred on its bounding box, z-normalised like training;
+      target: an ``S``³ crop (``S = network.img_size``) centred on its bounding box, normalised like training;
       the target is that component only (other lesions in the crop count as background);
     * ``training.click_rounds.evaluation_clicks`` simulates up to ``max_clicks`` clicks (first click: deepest
       point of the lesion; then the deepest point of the larger error region), each round feeding the new click and
@@ -21,7 +21,7 @@ Outputs in ``output_dir``: ``per_lesion.csv``, ``summary.json``, ``dice_vs_click
 CLI::
 
     python -m monai.bundle run evaluating \\
-        --config_file "['bundle/configs/train.json','bundle/configs/evaluate.json']" --preset tiny --roi_size 64
+        --config_file "['bundle/configs/train.json','bundle/configs/evaluate.json']" --preset tiny --preprocessing#roi_size 64
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def evaluate_dataset(
     target_label: int | Sequence[int] | None = 1,
     image_channel: int | None = None,
     ct_clamp: bool = False,
+    normalisation: str = "upstream",
     device: str | torch.device | None = None,
     whole_volume_clicks: int = 5,
     connectivity: int = 3,
@@ -102,6 +103,7 @@ def evaluate_dataset(
         datalist: list of {"image", "label"} (paths), an MSD ``dataset.json`` path, or a dict of splits (``split``).
         output_dir: where the CSV, JSON and PNG go (created).
         max_clicks: clicks per lesion (NoC cap; literature: 20).
+        spacing, target_label, image_channel, ct_clamp, normalisation: the preprocessing (as in training).
         device: defaults to the network's device.
         whole_volume_clicks: click count whose masks are merged for the whole-volume Dice.
         anatomy_key, anatomy_labels, anatomy_from_label: the TAGS anatomy prompt (None = off): the organ mask is
@@ -126,6 +128,7 @@ def evaluate_dataset(
         spacing=spacing,
         connectivity=connectivity,
         device=device,
+        normalisation=normalisation,
     )
     anatomy = (anatomy_key, anatomy_labels, anatomy_from_label)
     pipelines = _CasePipelines(target_label, image_channel, ct_clamp, spacing, *anatomy)
@@ -154,7 +157,7 @@ def evaluate_dataset(
 @dataclass(frozen=True)
 class _Protocol:
     """The click protocol's settings: crop side, clicks per lesion, the click count merged for the whole-volume
-    Dice, spacing (mm), lesion connectivity and device."""
+    Dice, spacing (mm), lesion connectivity, device and the crop's intensity normalisation."""
 
     crop: int
     max_clicks: int
@@ -162,6 +165,7 @@ class _Protocol:
     spacing: float
     connectivity: int
     device: torch.device
+    normalisation: str = "upstream"
 
 
 class _CasePipelines:
@@ -199,7 +203,9 @@ def _evaluate_case(network, item: Mapping, case_idx: int, pipelines: _CasePipeli
     case = Path(str(item["image"])).name
     out = {"records": [], "whole": None, "skipped": 0, "prompted": 0}
     num_lesions = 0
-    for k, num_voxels, start, img, target in lesion_crops(image, label, protocol.crop, protocol.connectivity):
+    for k, num_voxels, start, img, target in lesion_crops(
+        image, label, protocol.crop, protocol.connectivity, protocol.normalisation
+    ):
         num_lesions += 1
         img = img[None].to(protocol.device, torch.float32)
         if not target.any():

@@ -157,6 +157,7 @@ def run_inference(
     image_channel: int | None = None,
     ct_clamp: bool = False,
     spacing: float = 1.5,
+    normalisation: str = "upstream",
     batch_dir: str | os.PathLike | None = None,
     batch_clicks: Any = None,
     exit_on_error: bool = True,
@@ -191,6 +192,7 @@ def run_inference(
             spacing=spacing,
             image_channel=None if _is_null(image_channel) else int(image_channel),
             ct_clamp=bool(ct_clamp),
+            normalisation=normalisation,
         )
     except Exception as err:
         return _fail(err, exit_on_error)

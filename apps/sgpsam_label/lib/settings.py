@@ -95,6 +95,7 @@ class AppSettings:
     train_num_workers: int
     uncertainty_candidates: int
     uncertainty_flips: tuple[int, ...]
+    normalisation: str = "upstream"  # the crop's intensity normalisation (scripts.data.crops.normalise_crop)
     bundle_root: str = BUNDLE_ROOT
 
     @property
@@ -134,6 +135,7 @@ class AppSettings:
             "image_channel": self.image_channel,
             "ct_clamp": self.ct_clamp,
             "spacing": self.spacing,
+            "normalisation": self.normalisation,
         }
         if not public:
             out["model_dir"] = self.model_dir

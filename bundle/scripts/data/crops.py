@@ -1,4 +1,4 @@
-"""Lesion-centred crops: connected lesions, the SAM-Med3D crop and its z-normalisation, and the MONAI transforms
+"""Lesion-centred crops: connected lesions, the SAM-Med3D crop and its intensity normalisation, and the MONAI transforms
 that crop one lesion per sample (deterministic for validation, uniform over lesions with jitter for training).
 
 Keys added by the lesion crop (all samples get all of them, so they collate):
@@ -26,6 +26,7 @@ from monai.utils import convert_to_dst_type, convert_to_tensor
 from scipy import ndimage
 
 __all__ = [
+    "NORMALISATIONS",
     "LesionCropd",
     "RandLesionCropd",
     "centred_crop_start",
@@ -37,30 +38,62 @@ __all__ = [
 ]
 
 
-def normalise_crop(crop: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-    """Z-normalise one crop exactly like SAM-Med3D (torchio ``ZNormalization(masking_method=lambda x: x > 0)``).
+NORMALISATIONS = ("upstream", "robust")
+ROBUST_PERCENTILES = (0.5, 99.5)
 
-    Mean and (unbiased) std are taken over the voxels > 0 only, but the shift/scale is applied to EVERY voxel, so
-    zero padding and air become ``-mean/std`` (not 0). MONAI's ``NormalizeIntensity(nonzero=True)`` differs on
-    three counts (mask ``!= 0`` not ``> 0``, leaves zeros at 0, population std), hence this function. Training and
-    inference both call it so they cannot drift apart.
+
+def normalise_crop(crop: torch.Tensor | np.ndarray, mode: str = "upstream") -> torch.Tensor | np.ndarray:
+    """Intensity normalisation of one crop; ``mode`` is a preprocessing setting of the model (see below).
+
+    ``"upstream"``: z-normalisation exactly like SAM-Med3D (torchio ``ZNormalization(masking_method=lambda x: x >
+    0)``). Mean and (unbiased) std are taken over the voxels > 0 only, but the shift/scale is applied to EVERY
+    voxel, so zero padding and air become ``-mean/std`` (not 0). MONAI's ``NormalizeIntensity(nonzero=True)``
+    differs on three counts (mask ``!= 0`` not ``> 0``, leaves zeros at 0, population std), hence this function.
+    Made for MR-like intensities: on CT (HU) the mask "> 0" drops air, fat and water-like tissue.
+
+    ``"robust"``: for CT (HU, negative values, bone and metal outliers) and MR alike, with no flag: clip the crop to
+    its own 0.5th-99.5th percentiles, then z-normalise over ALL crop voxels (population std). A constant crop
+    becomes all zeros.
 
     Args:
         crop: one sample, any shape (typically (1, S, S, S)); MetaTensor meta is kept.
+        mode: ``"upstream"`` or ``"robust"``.
 
     Returns:
-        float32 tensor (or ndarray for ndarray input) of the same shape. Returned unchanged (as float) when fewer
-        than two voxels are > 0 or their std is 0 (torchio raises there; an all-air crop is not an error for us).
+        float32 tensor (or ndarray for ndarray input) of the same shape. ``"upstream"`` returns the crop unchanged
+        (as float) when fewer than two voxels are > 0 or their std is 0 (torchio raises there; an all-air crop is
+        not an error for us).
     """
+    if mode not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {mode!r}")
     is_numpy = isinstance(crop, np.ndarray)
     x = torch.as_tensor(crop).float()
+    x = _robust_normalise(x) if mode == "robust" else _upstream_normalise(x)
+    return x.numpy() if is_numpy else x
+
+
+def _upstream_normalise(x: torch.Tensor) -> torch.Tensor:
     plain = x.as_tensor() if isinstance(x, MetaTensor) else x
     values = plain[plain > 0]
     if values.numel() >= 2:
         mean, std = values.mean(), values.std()
         if torch.isfinite(std) and std > 0:
             x = (x - mean) / std
-    return x.numpy() if is_numpy else x
+    return x
+
+
+def _robust_normalise(x: torch.Tensor) -> torch.Tensor:
+    plain = x.as_tensor() if isinstance(x, MetaTensor) else x
+    if plain.numel() == 0:
+        return x
+    # numpy's partition-based percentile: no size cap (torch.quantile stops at 2**24 values) and no full sort
+    low, high = np.percentile(plain.detach().cpu().numpy(), ROBUST_PERCENTILES)
+    x = x.clamp(float(low), float(high))
+    plain = x.as_tensor() if isinstance(x, MetaTensor) else x
+    mean, std = plain.mean(), plain.std(unbiased=False)
+    if not torch.isfinite(std) or std <= 0:
+        return x - mean  # constant crop: all zeros
+    return (x - mean) / std
 
 
 def lesion_components(
@@ -100,11 +133,14 @@ def centred_crop_start(centre: Sequence[float] | np.ndarray, size: int) -> np.nd
     return np.floor(np.asarray(centre, dtype=np.float64) + 0.5).astype(np.int64) - int(size) // 2
 
 
-def lesion_crops(image: torch.Tensor, label: torch.Tensor, size: int, connectivity: int = 3):
+def lesion_crops(
+    image: torch.Tensor, label: torch.Tensor, size: int, connectivity: int = 3, normalisation: str = "upstream"
+):
     """One crop per lesion of a preprocessed case, the way the evaluation protocol scores lesions.
 
     Every connected component of ``label`` (largest first) gets the ``size``^3 crop centred on its bounding box,
-    the image z-normalised within the crop and the target that component only (other lesions are background).
+    the image normalised within the crop (``normalisation``, see :func:`normalise_crop`) and the target that
+    component only (other lesions are background).
 
     Args:
         image, label: (1, X, Y, Z) preprocessed volumes.
@@ -116,7 +152,7 @@ def lesion_crops(image: torch.Tensor, label: torch.Tensor, size: int, connectivi
     comps, sizes, bboxes = lesion_components(label, connectivity)
     for k, (lo, hi) in enumerate(bboxes):
         start = centred_crop_start((lo + hi) / 2.0, size)
-        crop = convert_to_tensor(normalise_crop(crop_at(image, start, size)), track_meta=False)
+        crop = convert_to_tensor(normalise_crop(crop_at(image, start, size), normalisation), track_meta=False)
         lesion = torch.as_tensor(comps == k + 1)[None].float()
         target = convert_to_tensor(crop_at(lesion, start, size), track_meta=False)[0].numpy() > 0.5
         yield k, int(sizes[k]), start, crop, target

@@ -3,7 +3,10 @@
 Order (what the released SAM-Med3D weights expect):
     load -> channel first -> [pick one input channel] -> [CT clamp to [-1000, 1000]] -> [keep target label(s), binarise]
     -> Orientation RAS -> Spacing 1.5 mm (bilinear image / nearest label)            = deterministic, cacheable
-    -> crop ``roi_size``^3 centred on one lesion, zero padding -> z-normalise the crop  = random part (training)
+    -> crop ``roi_size``^3 centred on one lesion, zero padding -> normalise the crop    = random part (training)
+
+The crop's intensity normalisation (``normalisation``) is "upstream" (SAM-Med3D's z-normalisation over voxels > 0)
+or "robust" (percentile clip + z-normalisation over the crop, for CT and MR alike); see :func:`normalise_crop`.
 
 Shapes follow docs/conventions.md: channel-first ``(C, X, Y, Z)`` in RAS voxel order; C = 1 after preprocessing.
 The lesion crop and the keys it adds are in :mod:`scripts.data.crops`.
@@ -41,6 +44,7 @@ from monai.transforms import (
 )
 
 from .crops import (
+    NORMALISATIONS,
     LesionCropd,
     RandLesionCropd,
     centred_crop_start,
@@ -53,6 +57,7 @@ from .crops import (
 
 __all__ = [
     "CT_CLAMP_RANGE",
+    "NORMALISATIONS",
     "LesionCropd",
     "NormaliseCropd",
     "RandLesionCropd",
@@ -106,12 +111,19 @@ class SelectChanneld(MapTransform):
 
 
 class NormaliseCropd(MapTransform):
-    """Dictionary wrapper of :func:`normalise_crop` (SAM-Med3D z-normalisation over voxels > 0)."""
+    """Dictionary wrapper of :func:`normalise_crop` (``mode``: "upstream" = SAM-Med3D z-normalisation over voxels
+    > 0, "robust" = percentile clip then z-normalisation over the whole crop)."""
+
+    def __init__(self, keys: KeysCollection, mode: str = "upstream", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        if mode not in NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {mode!r}")
+        self.mode = mode
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = normalise_crop(d[key])
+            d[key] = normalise_crop(d[key], self.mode)
         return d
 
 
@@ -208,8 +220,10 @@ def get_crop_transforms(
     all_label_key: str | None = "label_all",
     connectivity: int = 3,
     extra_keys: Sequence[str] = (),
+    normalisation: str = "upstream",
 ) -> Compose:
-    """Crop part: lesion-centred ``roi_size``^3 crop (zero padding) -> SAM-Med3D z-normalisation of the image.
+    """Crop part: lesion-centred ``roi_size``^3 crop (zero padding) -> intensity normalisation of the image crop
+    (``normalisation``, see :func:`normalise_crop`).
 
     ``random=True``: :class:`RandLesionCropd` (uniform lesion choice + jitter); ``random=False``: :class:`LesionCropd`
     (lesion ``data["lesion_index"]`` or ``lesion_index``, no jitter). See the module docstring for the added keys.
@@ -224,7 +238,7 @@ def get_crop_transforms(
         connectivity=connectivity,
     )
     crop = RandLesionCropd(jitter=jitter, **common) if random else LesionCropd(lesion_index=lesion_index, **common)
-    return Compose([crop, NormaliseCropd(image_key)])
+    return Compose([crop, NormaliseCropd(image_key, mode=normalisation)])
 
 
 def _preprocess_and_crop(
@@ -264,6 +278,7 @@ def get_train_transforms(
     anatomy_labels: int | Sequence[int] | None = None,
     anatomy_from_label: bool = False,
     augment: bool = False,
+    normalisation: str = "upstream",
 ) -> Compose:
     """Preprocess + random lesion crop (+ optional augmentation of the crop).
 
@@ -271,8 +286,9 @@ def get_train_transforms(
     the slice axis keeps its direction, since slices are often thicker) and a +-10 % intensity scale, applied to the
     crop after normalisation, so the cache still holds the preprocessed volumes. A lesion's label does not change
     under any of them, and with a few dozen training cases they stretch what fine-tuning sees.
-    ``anatomy_*``: optional organ mask, see :func:`get_preprocess_transforms`."""
-    crop_kwargs = dict(roi_size=roi_size, jitter=jitter, instance=instance, random=True)
+    ``anatomy_*``: optional organ mask, see :func:`get_preprocess_transforms`. ``normalisation``: see
+    :func:`normalise_crop`."""
+    crop_kwargs = dict(roi_size=roi_size, jitter=jitter, instance=instance, random=True, normalisation=normalisation)
     transforms = _preprocess_and_crop(
         crop_kwargs, target_label, image_channel, ct_clamp, spacing, anatomy_key, anatomy_labels, anatomy_from_label
     )
@@ -300,11 +316,15 @@ def get_val_transforms(
     anatomy_key: str | None = None,
     anatomy_labels: int | Sequence[int] | None = None,
     anatomy_from_label: bool = False,
+    normalisation: str = "upstream",
 ) -> Compose:
     """Deterministic preprocess + crop on lesion ``data["lesion_index"]`` (default ``lesion_index``, 0 = largest).
 
-    ``anatomy_*``: optional organ mask, see :func:`get_preprocess_transforms`."""
-    crop_kwargs = dict(roi_size=roi_size, instance=instance, random=False, lesion_index=lesion_index)
+    ``anatomy_*``: optional organ mask, see :func:`get_preprocess_transforms`. ``normalisation``: see
+    :func:`normalise_crop`."""
+    crop_kwargs = dict(
+        roi_size=roi_size, instance=instance, random=False, lesion_index=lesion_index, normalisation=normalisation
+    )
     return _preprocess_and_crop(
         crop_kwargs, target_label, image_channel, ct_clamp, spacing, anatomy_key, anatomy_labels, anatomy_from_label
     )

@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 from monai.utils import convert_to_tensor
 
-from ..data.crops import centred_crop_start, crop_at, normalise_crop
+from ..data.crops import NORMALISATIONS, centred_crop_start, crop_at, normalise_crop
 from ..data.inference_image import InferenceImage, file_voxel_to_resampled
 from ..training.click_rounds import decoder_clicks, initial_mask_prompt, shown_logits
 from .cache import EncoderCache
@@ -125,6 +125,7 @@ class InteractiveSegmenter:
         spacing: isotropic resampling in mm (SAM-Med3D: 1.5).
         image_channel: input channel of multi-channel images (None: the image must have one channel).
         ct_clamp: clamp intensities to [-1000, 1000] before resampling (CT).
+        normalisation: the crop's intensity normalisation, "upstream" or "robust" (``data.crops.normalise_crop``).
         cache_max_bytes: memory budget for the preprocessed volumes, embeddings, sessions and kept older networks.
         model_version: tag of the current weights, part of the embedding cache key.
         new_object_distance_mm: see the module docstring; default 0.4 x crop side x spacing.
@@ -142,6 +143,7 @@ class InteractiveSegmenter:
         spacing=1.5,
         image_channel=None,
         ct_clamp=False,
+        normalisation: str = "upstream",
         cache_max_bytes=2 * 1024**3,
         model_version="0",
         new_object_distance_mm=None,
@@ -155,6 +157,9 @@ class InteractiveSegmenter:
         self.spacing = float(spacing)
         self.image_channel = image_channel
         self.ct_clamp = bool(ct_clamp)
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+        self.normalisation = normalisation
         self.max_extra_windows = int(max_extra_windows)
         self.max_objects = max_objects
         self.max_bytes = int(cache_max_bytes)
@@ -312,7 +317,9 @@ class InteractiveSegmenter:
 
     def _crop(self, inf: InferenceImage, start: tuple[int, int, int]) -> torch.Tensor:
         """Normalised network input (1, 1, S, S, S) of the window at ``start``."""
-        crop = convert_to_tensor(normalise_crop(crop_at(inf.image, start, self.crop_size)), track_meta=False)
+        crop = convert_to_tensor(
+            normalise_crop(crop_at(inf.image, start, self.crop_size), self.normalisation), track_meta=False
+        )
         return crop[None].to(self.device, torch.float32)
 
     @torch.inference_mode()

@@ -151,6 +151,7 @@ class SGPSAMInfer(BasicInferTask):
                     spacing=s.spacing,
                     image_channel=s.image_channel,
                     ct_clamp=s.ct_clamp,
+                    normalisation=s.normalisation,
                     cache_max_bytes=s.cache_mb * 1024**2,
                     model_version=loaded.version,
                     new_object_distance_mm=s.new_object_distance_mm,

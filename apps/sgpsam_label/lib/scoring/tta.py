@@ -75,6 +75,7 @@ class TTAUncertaintyScoring(ScoringMethod):
                         spacing=self.settings.spacing,
                         image_channel=self.settings.image_channel,
                         ct_clamp=self.settings.ct_clamp,
+                        normalisation=self.settings.normalisation,
                         num_candidates=self.settings.uncertainty_candidates,
                         flip_axes=self.settings.uncertainty_flips,
                         device=self.settings.device,

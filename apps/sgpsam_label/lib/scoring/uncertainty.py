@@ -4,8 +4,8 @@ What it measures (docs/monailabel.md): how much the model's one-click lesion pro
 mirrored. For one image:
 
 1. preprocess exactly like inference (RAS, ``spacing`` mm) and take one ``S``³ crop (the network's input size)
-   centred on the body (centroid of voxels brighter than 10 % of the 99th intensity percentile), z-normalised like
-   training;
+   centred on the body (centroid of voxels brighter than 10 % of the 99th intensity percentile), normalised like
+   training (the model's ``normalisation``);
 2. pick ``K`` candidate clicks automatically: the strongest blob-like structures (largest scale-normalised
    Laplacian-of-Gaussian magnitude at 3 and 6 mm, inside the body, at least ``S/8`` voxels apart) -- where an
    annotator would plausibly click on a lesion;
@@ -52,7 +52,7 @@ def candidate_points(crop: np.ndarray, raw: np.ndarray, k: int, spacing: float, 
     """``k`` blob centres (crop voxel indices, (k', 3) int, k' <= k): largest |scale-normalised LoG| in the body.
 
     Args:
-        crop: (S, S, S) z-normalised crop.
+        crop: (S, S, S) normalised crop.
         raw: (S, S, S) crop before normalisation (0 where padded).
     """
     s = crop.shape[0]
@@ -105,6 +105,7 @@ def image_uncertainty(
     spacing: float = 1.5,
     image_channel: int | None = None,
     ct_clamp: bool = False,
+    normalisation: str = "upstream",
     num_candidates: int = 4,
     flip_axes: Sequence[int] = (0, 1, 2),
     device: str | torch.device = "cpu",
@@ -116,7 +117,7 @@ def image_uncertainty(
     volume = inf.image[0].cpu().numpy()
     start = np.floor(body_centre(volume) + 0.5).astype(np.int64) - s // 2
     raw = crop_at(inf.image, start, s)
-    crop = torch.as_tensor(normalise_crop(raw)).as_subclass(torch.Tensor).float()  # (1, S, S, S)
+    crop = torch.as_tensor(normalise_crop(raw, normalisation)).as_subclass(torch.Tensor).float()  # (1, S, S, S)
     raw_np = torch.as_tensor(raw).as_subclass(torch.Tensor)[0].numpy()
     points = candidate_points(crop[0].numpy(), raw_np, num_candidates, spacing, max(2, s // 8))
     k = len(points)

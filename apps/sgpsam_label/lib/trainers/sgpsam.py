@@ -197,10 +197,13 @@ class SGPSAMTrain(BundleTrainTask):
                 "network_def#refiner": s.refiner,
                 "network_def#click_consistent": s.click_consistent,
                 "network_def#multi_click": s.multi_click,
-                "roi_size": s.roi_size,
-                "spacing": s.spacing,
-                "image_channel": s.image_channel,
-                "ct_clamp": s.ct_clamp,
+                "preprocessing": {
+                    "roi_size": s.roi_size,
+                    "spacing": s.spacing,
+                    "image_channel": s.image_channel,
+                    "ct_clamp": s.ct_clamp,
+                    "normalisation": s.normalisation,
+                },
                 "target_label": None,  # any non-zero label voxel is lesion (Slicer writes 1 for "lesion")
                 "ckpt_dir": os.path.join(s.model_dir, STAGING_DIR),
                 "output_dir": os.path.join(s.model_dir, "runs"),
