@@ -200,7 +200,7 @@ class InteractiveSegmenter:
             self._weights.replace(self._prepare(network), str(model_version), self.keep_session_weights)
             if not self.keep_session_weights:
                 self._sessions.clear()
-            self._release_unused_weights()
+            release_unused(self._weights, self._sessions, self._cache)
 
     def clear_session(self, session_key) -> None:
         self._sessions.pop(session_key)
@@ -250,7 +250,7 @@ class InteractiveSegmenter:
                 inf = self._cache.volume(image_id, image)
                 check_bounds(fg, "foreground", inf.original_shape)
                 check_bounds(bg, "background", inf.original_shape)
-                session = self._open_session(key, image_id, reset)
+                session = self._sessions.open(key, image_id, reset, self.model_version, usable=self._weights.has)
                 with self._weights.use(session.version):
                     snapshot, info = self._advance(session, inf, fg, bg)
                 if snapshot.packed is None:
@@ -259,7 +259,8 @@ class InteractiveSegmenter:
                 mask = unpack_mask(snapshot.packed)
             finally:
                 counts = self._counters.end()
-            self._fit_budget(key)
+            with self._lock:
+                fit_budget(self.max_bytes, self._cache, self._sessions, self._weights, key)
         info["reset"] = bool(reset)
         info.update({k: counts.get(k, 0) for k in ("encoder_runs", "decoder_runs", "cache_hits")})
         info["objects"] = len(snapshot.objects)
@@ -267,21 +268,6 @@ class InteractiveSegmenter:
         info["model_version"] = session.version
         info["latency_ms"] = (time.perf_counter() - t0) * 1000.0
         return SegmentationResult(mask=mask, affine=np.array(inf.original_affine, dtype=np.float64), info=info)
-
-    def _open_session(self, key, image_id: str, reset: bool) -> Session:
-        """The session of ``key``, started over when the weights it ran on are gone."""
-        with self._lock:
-            session = self._sessions.open(key, image_id, reset, self.model_version)
-            if not self._weights.has(session.version):
-                session = self._sessions.open(key, image_id, True, self.model_version)
-            return session
-
-    def _release_unused_weights(self) -> None:
-        release_unused(self._weights, self._sessions, self._cache)
-
-    def _fit_budget(self, keep) -> None:
-        with self._lock:
-            fit_budget(self.max_bytes, self._cache, self._sessions, self._weights, keep)
 
     def _advance(self, session: Session, inf: InferenceImage, fg: list, bg: list) -> tuple[Snapshot, dict]:
         """Restore the session's base snapshot for the sent clicks and run the clicks after it as one round."""

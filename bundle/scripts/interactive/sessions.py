@@ -117,9 +117,9 @@ class SessionStore:
         self._sessions: OrderedDict[Hashable, Session] = OrderedDict()
         self._lock = threading.Lock()
 
-    def open(self, key: Hashable, image_id: str, reset: bool = False, version: str = "") -> Session:
-        """The session of ``key`` (a fresh one on ``version`` after ``reset`` or for another image), marked most
-        recent."""
+    def open(self, key: Hashable, image_id: str, reset: bool = False, version: str = "", usable=None) -> Session:
+        """The session of ``key``, marked most recent: a fresh one on ``version`` after ``reset``, for another image,
+        or when ``usable(its version)`` is False (the weights it ran on are gone)."""
         now = time.monotonic()
         with self._lock:
             if self.idle_s is not None:
@@ -128,7 +128,7 @@ class SessionStore:
             if reset:
                 self._sessions.pop(key, None)
             session = self._sessions.get(key)
-            if session is None or session.image_id != image_id:
+            if session is None or session.image_id != image_id or (usable is not None and not usable(session.version)):
                 session = Session(image_id, version=version)
             session.last_used = now
             self._sessions[key] = session
