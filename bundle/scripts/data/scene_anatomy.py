@@ -231,8 +231,9 @@ def build_chest(rng, grid: WorkGrid) -> Anatomy:
         paint_ellipsoid(rng, tissue, grid, LUNG, centre, semi, random_rotation(rng, (10, 5, 5)), 0.04, (FAT,))
     tissue[~inside & (tissue == LUNG)] = MUSCLE  # pleura / chest wall: lung never reaches the skin fat
     gx, gy, _ = grid.mesh()
-    mediastinum = np.abs(gx - rng.uniform(-10, 10) - 0.2 * gy) < rng.uniform(10, 22)
-    tissue[np.broadcast_to(mediastinum, tissue.shape) & (tissue == LUNG)] = FAT
+    bend = rng.uniform(5, 15) * smooth_noise(rng, grid.shape, grid.spacing, 40.0)  # curved pleural reflections
+    mediastinum = np.abs(gx - rng.uniform(-10, 10) - 0.2 * gy + bend) < rng.uniform(10, 22)
+    tissue[mediastinum & (tissue == LUNG)] = FAT
     hilum = np.array([0.0, rng.uniform(-5, 15), rng.uniform(-0.2, 0.2) * z_len])
     heart_c = (rng.uniform(-15, 25), -width * rng.uniform(0.2, 0.4), hilum[2] - rng.uniform(20, 70))
     heart_semi, myocardium = rng.uniform(30, 55, 3), (MUSCLE, rng.uniform(3.0, 6.0))
