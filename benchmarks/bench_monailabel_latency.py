@@ -46,7 +46,7 @@ def lesion_click(label_path: Path) -> list[int]:
 
 
 def run_preset(preset: str, weights: str, args, click: list[int], image: Path) -> dict:
-    from app_testing import AppServer, make_cube_checkpoint
+    from app_testing import AppServer, make_cube_checkpoint, make_random_checkpoint
 
     with tempfile.TemporaryDirectory(prefix=f"bench_{preset}_") as tmp:
         root = Path(tmp)
@@ -55,12 +55,10 @@ def run_preset(preset: str, weights: str, args, click: list[int], image: Path) -
         names = [f"case{i:02d}" for i in range(args.repeats)]
         for name in names:
             shutil.copy(image, root / "studies" / f"{name}{''.join(image.suffixes)}")
-        checkpoint = "random"
-        if weights == "cube":
-            checkpoint = str(root / "cube.pt")
-            make_cube_checkpoint(checkpoint, preset)
+        make = make_cube_checkpoint if weights == "cube" else make_random_checkpoint  # model files of the preset
+        checkpoint = make(str(root / f"{weights}.pt"), preset)
         t0 = time.time()
-        conf = {"preset": preset, "checkpoint": checkpoint, "model_dir": root / "model", "device": args.device}
+        conf = {"checkpoint": checkpoint, "model_dir": root / "model", "device": args.device}
         env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}  # no background scoring competing for the CPU
         server = AppServer(root, root / "studies", conf, env=env, timeout=600)
         start_s = time.time() - t0

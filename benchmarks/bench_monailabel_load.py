@@ -69,7 +69,7 @@ def poll_info(url: str, stop: threading.Event, out: list) -> None:
 
 
 def run(args) -> dict:
-    from app_testing import AppServer, make_cube_checkpoint
+    from app_testing import AppServer, make_cube_checkpoint, make_random_checkpoint
     from bench_monailabel_latency import lesion_click
 
     image = DATA_DIR / f"{args.case}_image.nrrd"
@@ -80,11 +80,9 @@ def run(args) -> dict:
         names = [f"case{i:02d}" for i in range(args.images)]
         for name in names:
             shutil.copy(image, root / "studies" / f"{name}.nrrd")
-        checkpoint = "random"
-        if args.weights == "cube":
-            checkpoint = str(root / "cube.pt")
-            make_cube_checkpoint(checkpoint, args.preset)
-        conf = {"preset": args.preset, "checkpoint": checkpoint, "model_dir": root / "model", "device": args.device}
+        make = make_cube_checkpoint if args.weights == "cube" else make_random_checkpoint  # model files of the preset
+        checkpoint = make(str(root / f"{args.weights}.pt"), args.preset)
+        conf = {"checkpoint": checkpoint, "model_dir": root / "model", "device": args.device}
         env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}  # no background scoring competing for the CPU
         server = AppServer(root, root / "studies", conf, env=env, timeout=600)
         times: dict[str, list] = {k: [] for k in ("first", "repeat", "engine_first", "engine_repeat", "windows")}

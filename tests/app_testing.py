@@ -2,7 +2,9 @@
 
 The app does not ship these: tests and ``benchmarks/bench_monailabel_*.py`` import them from here.
 
-``make_cube_checkpoint``: a stand-in checkpoint (no training, < 1 s to build).
+``make_cube_checkpoint``: a stand-in model file (no training, < 1 s to build); ``make_random_checkpoint``: a model
+file with random weights. Both describe their network and the default preprocessing at the preset's crop size, as
+the app needs (``scripts.model_file``).
 
 ``make_cube_checkpoint`` sets the weights of an SGP-SAM network by hand so that its output does not depend on the
 image or the prompts and is a cube of positive logits at the CENTRE of the input crop (16^3 voxels for the tiny
@@ -29,15 +31,29 @@ import numpy as np
 import requests
 import SimpleITK as sitk
 import torch
-from scripts.checkpoint import save_sgp_sam_checkpoint
-from scripts.modeling import build_sgp_sam
+from scripts.model_file import Preprocessing, save_model_file
+from scripts.modeling import PRESETS, build_sgp_sam
 
 
 def _gelu(x: float) -> float:
     return 0.5 * x * (1 + math.erf(x / math.sqrt(2)))
 
 
-def make_cube_checkpoint(path: str | os.PathLike, preset: str = "tiny", sgpm: bool = True) -> None:
+def _save(net, path: str | os.PathLike, preset: str, preprocessing: dict | None) -> str:
+    return save_model_file(net, Preprocessing(roi_size=PRESETS[preset]["img_size"], **(preprocessing or {})), path)
+
+
+def make_random_checkpoint(
+    path: str | os.PathLike, preset: str = "tiny", sgpm: bool = True, preprocessing: dict | None = None
+) -> str:
+    """A model file with the preset's randomly initialised network (seeded)."""
+    torch.manual_seed(0)
+    return _save(build_sgp_sam(preset, sgpm=sgpm), path, preset, preprocessing)
+
+
+def make_cube_checkpoint(
+    path: str | os.PathLike, preset: str = "tiny", sgpm: bool = True, preprocessing: dict | None = None
+) -> str:
     """SGP-SAM whose mask is the central 2x2x2 tokens' cube of the crop, whatever the image (module docstring)."""
     torch.manual_seed(0)
     net = build_sgp_sam(preset, sgpm=sgpm)
@@ -83,7 +99,7 @@ def make_cube_checkpoint(path: str | os.PathLike, preset: str = "tiny", sgpm: bo
             mlp.layers[-1].weight.zero_()
             mlp.layers[-1].bias.zero_()
             mlp.layers[-1].bias[0], mlp.layers[-1].bias[1] = 1.0, -tau / gelu_1
-    save_sgp_sam_checkpoint(net, path)
+    return _save(net, path, preset, preprocessing)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,7 +123,7 @@ class AppServer:
     Args:
         root: working folder (server log, MONAI Label's upload sessions, client downloads).
         studies: the studies folder (datastore).
-        conf: ``--conf`` pairs, e.g. ``{"preset": "tiny", "checkpoint": path}``.
+        conf: ``--conf`` pairs, e.g. ``{"checkpoint": path}`` (a model file).
         env: extra environment (e.g. ``MONAI_LABEL_AUTO_UPDATE_SCORING=false``).
     """
 

@@ -44,7 +44,7 @@ def server(tmp_path_factory):
     write_image(studies / "big.nii", big, (0.6, 0.6, 0.8))
     ckpt = root / "cube.pt"
     make_cube_checkpoint(ckpt)
-    conf = {"preset": "tiny", "checkpoint": ckpt, "model_dir": root / "model"}
+    conf = {"checkpoint": ckpt, "model_dir": root / "model"}
     srv = AppServer(root, studies, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
     yield srv
     srv.stop()

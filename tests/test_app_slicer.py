@@ -18,7 +18,15 @@ import pytest
 import requests
 import SimpleITK as sitk
 import torch
-from app_testing import APP_DIR, MODEL, AppServer, blob_image, make_cube_checkpoint, write_image
+from app_testing import (
+    APP_DIR,
+    MODEL,
+    AppServer,
+    blob_image,
+    make_cube_checkpoint,
+    make_random_checkpoint,
+    write_image,
+)
 from fastapi import HTTPException
 from monailabel.client.client import MONAILabelClientException
 from requests_toolbelt.adapters.source import SourceAddressAdapter
@@ -50,7 +58,7 @@ def server(tmp_path_factory):
     write_image(studies / "tilted.nii.gz", image, (1.2, 0.9, 1.5), (-8.0, 15.0, 30.0), rotation(-20, 25))
     ckpt = root / "cube.pt"
     make_cube_checkpoint(ckpt)
-    conf = {"preset": "tiny", "checkpoint": ckpt, "model_dir": root / "model"}
+    conf = {"checkpoint": ckpt, "model_dir": root / "model"}
     srv = AppServer(root, studies, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
     srv.checkpoint = ckpt
     yield srv
@@ -192,8 +200,11 @@ def test_saving_a_label_again_keeps_the_previous_one(server, tmp_path):
 
 @pytest.mark.parametrize(
     "change, reason",
-    [({"spacing": (1.0, 1.2, 2.0)}, "spacing"), ({"origin": (11.0, -20.0, 5.0)}, "origin"),
-     ({"direction": rotation(90, 0)}, "direction")],
+    [
+        ({"spacing": (1.0, 1.2, 2.0)}, "spacing"),
+        ({"origin": (11.0, -20.0, 5.0)}, "origin"),
+        ({"direction": rotation(90, 0)}, "direction"),
+    ],
 )
 def test_label_on_another_grid_is_refused(server, tmp_path, change, reason):
     path = tmp_path / "label.nrrd"
@@ -269,7 +280,11 @@ def _whole_crop(network):
 
 def test_one_click_costs_at_most_max_windows_crops_and_max_objects_lesions(tmp_path):
     SGPSAMInfer, AppSettings, _ = _app_modules()
-    conf = {"preset": "tiny", "checkpoint": "random", "device": "cpu", "model_dir": str(tmp_path / "model")}
+    conf = {
+        "checkpoint": make_random_checkpoint(tmp_path / "random.pt"),
+        "device": "cpu",
+        "model_dir": str(tmp_path / "model"),
+    }
     task = SGPSAMInfer(AppSettings.from_conf({**conf, "max_windows": 2, "max_objects": 1}))
     task.engine.set_network(_whole_crop(task.model().network), "whole-crop")
     path = tmp_path / "wide.nrrd"
@@ -302,7 +317,11 @@ def _small_case(tmp_path):
 
 def test_a_session_keeps_its_weights_until_reset_or_idle(tmp_path):
     SGPSAMInfer, AppSettings, _ = _app_modules()
-    conf = {"preset": "tiny", "checkpoint": "random", "device": "cpu", "model_dir": str(tmp_path / "model")}
+    conf = {
+        "checkpoint": make_random_checkpoint(tmp_path / "random.pt"),
+        "device": "cpu",
+        "model_dir": str(tmp_path / "model"),
+    }
     engine = SGPSAMInfer(AppSettings.from_conf({**conf, "session_idle_s": 2})).engine
     path, first = _small_case(tmp_path), [20, 20, 12]
     started = engine.segment(path, path, [first], [], session_key="a").info["model_version"]
@@ -319,7 +338,11 @@ def test_a_session_keeps_its_weights_until_reset_or_idle(tmp_path):
 @pytest.mark.parametrize("limit", [{"cache_mb": 1}, {"max_sessions": 1}])
 def test_click_histories_count_in_one_memory_budget_and_the_oldest_session_goes_first(tmp_path, limit):
     SGPSAMInfer, AppSettings, _ = _app_modules()
-    conf = {"preset": "tiny", "checkpoint": "random", "device": "cpu", "model_dir": str(tmp_path / "model")}
+    conf = {
+        "checkpoint": make_random_checkpoint(tmp_path / "random.pt"),
+        "device": "cpu",
+        "model_dir": str(tmp_path / "model"),
+    }
     engine = SGPSAMInfer(AppSettings.from_conf({**conf, **limit})).engine
     path, first = _small_case(tmp_path), [20, 20, 12]
     engine.segment(path, path, [first], [], session_key="old")

@@ -37,7 +37,7 @@ def server(tmp_path_factory):
         write_image(studies / "labels" / "final" / f"{name}.nrrd", label, (1.5, 1.5, 2.0))
     ckpt = root / "cube.pt"
     make_cube_checkpoint(ckpt)
-    conf = {"preset": "tiny", "checkpoint": ckpt, "model_dir": root / "model"}
+    conf = {"checkpoint": ckpt, "model_dir": root / "model"}
     srv = AppServer(root, studies, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
     yield srv
     srv.stop()

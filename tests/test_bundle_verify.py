@@ -219,14 +219,17 @@ def test_torch_export_matches_eager(tmp_path):
 
 
 def test_export_cli(tmp_path):
-    from scripts.checkpoint import save_sgp_sam_checkpoint
+    """The exported network and preprocessing are the model file's: no config is needed or consulted."""
     from scripts.export import main
+    from scripts.model_file import save_model_file
 
     net = _tiny_network(seed=1)
-    save_sgp_sam_checkpoint(net, tmp_path / "model.pt")
+    preprocessing = {"spacing": 1.0, "roi_size": 64, "image_channel": None, "ct_clamp": True, "normalisation": "robust"}
+    save_model_file(net, preprocessing, tmp_path / "model.pt")
     result = main(
-        ["--config_file", f"['{CONFIGS / 'train.json'}','{REPO_ROOT / 'configs' / 'cpu_tiny.json'}']",
-         "--ckpt_file", str(tmp_path / "model.pt"), "--output_dir", str(tmp_path / "out"), "--max_points", "4"]
-    )  # fmt: skip
+        ["--ckpt_file", str(tmp_path / "model.pt"), "--output_dir", str(tmp_path / "out"), "--max_points", "4"]
+    )
     assert (tmp_path / "out" / "encode.pt2").is_file() and (tmp_path / "out" / "decode.pt2").is_file()
+    assert max(result["diffs"].values()) <= 1e-4  # the file's weights and refiner, not a random config network
+    assert json.loads((tmp_path / "out" / "export_info.json").read_text())["preprocessing"] == preprocessing
     assert max(result["diffs"].values()) <= 1e-5

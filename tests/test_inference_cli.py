@@ -1,4 +1,4 @@
-"""``python -m monai.bundle run inferring`` end to end on a real NRRD with a tiny random-init checkpoint.
+"""``python -m monai.bundle run inferring`` end to end on a real NRRD with a tiny random-init model file.
 
 Each command line spends ~10 s importing MONAI, so only two go through the bundle CLI (a success and a failure,
 started together); the other failure paths call the same entry point, ``run_inference``, in-process.
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 from monai.transforms import LoadImage
-from scripts.checkpoint import save_sgp_sam_checkpoint
 from scripts.inference import run_inference
+from scripts.model_file import Preprocessing, save_model_file
 from scripts.modeling import build_sgp_sam
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ CONFIG = "bundle/configs/inference.json"
 
 
 def _launch(args, out_dir):
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "inferring", "--config_file", CONFIG, "--preset", "tiny"]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inferring", "--config_file", CONFIG]
     cmd += [*args, "--output_dir", str(out_dir)]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")  # 2 shared cores, 2 processes
     return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -40,14 +40,14 @@ def runs(tmp_path_factory, real_data_dir):
     tmp = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
     ckpt = tmp / "tiny.pt"
-    save_sgp_sam_checkpoint(build_sgp_sam("tiny"), ckpt)
+    save_model_file(build_sgp_sam("tiny"), Preprocessing(roi_size=64), ckpt)  # the network comes from the file
     four_d = tmp / "four_d.nii.gz"
     nib.Nifti1Image(np.random.default_rng(0).random((16, 18, 8, 2), dtype=np.float32), np.eye(4)).to_filename(four_d)
     image = str(real_data_dir / "breast1_image.nrrd")
     ok_clicks = json.dumps({"foreground": [[22, 60, 10]], "background": [[5, 5, 5]]})
     cases = {
         "ok": ["--image", image, "--clicks", ok_clicks, "--ckpt_path", str(ckpt)],
-        "click_out_of_range": ["--image", image, "--clicks", '{"foreground": [[45, 0, 0]]}', "--ckpt_path", "null"],
+        "click_out_of_range": ["--image", image, "--clicks", '{"foreground": [[45, 0, 0]]}', "--ckpt_path", str(ckpt)],
     }
     procs = {name: (_launch(args, tmp / name), tmp / name) for name, args in cases.items()}
     results = {}
@@ -94,6 +94,8 @@ def test_cli_bad_click_fails_cleanly(runs):
         ("missing_image", "image not found"),
         ("four_d_without_channel", "image_channel"),
         ("missing_checkpoint", "checkpoint not found"),
+        ("not_a_model_file", "neither an SGP-SAM model file"),
+        ("no_model_file", "no model file"),
         ("bad_clicks_json", "valid JSON"),
         ("no_clicks", "no clicks"),
     ],
@@ -108,13 +110,18 @@ def test_bad_input_one_line_error_no_output(runs, tmp_path, capsys, case, messag
         kwargs.update(image=str(four_d), clicks={"foreground": [[3, 3, 3]]})
     elif case == "missing_checkpoint":
         kwargs["ckpt_path"] = str(tmp_path / "absent.pt")
+    elif case == "not_a_model_file":
+        torch.save(build_sgp_sam("tiny").state_dict(), tmp_path / "weights.pt")  # weights without a description
+        kwargs["ckpt_path"] = str(tmp_path / "weights.pt")
+    elif case == "no_model_file":
+        kwargs["ckpt_path"] = "null"
     elif case == "bad_clicks_json":
         kwargs["clicks"] = "{foreground: [[1, 2, 3]]"
     elif case == "no_clicks":
         kwargs["clicks"] = {"foreground": [], "background": []}
     out_dir = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
-        run_inference(build_sgp_sam("tiny"), output_dir=str(out_dir), **kwargs)
+        run_inference(output_dir=str(out_dir), **kwargs)
     assert exc.value.code == 1
     errors = _error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and message in errors[0], errors
@@ -132,7 +139,6 @@ def test_batch_mode_writes_good_cases_and_reports_bad_ones(runs, tmp_path, capsy
     out_dir = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
         run_inference(
-            build_sgp_sam("tiny"),
             str(ckpt),
             output_dir=str(out_dir),
             batch_dir=str(batch),

@@ -65,7 +65,7 @@ def server(tmp_path_factory, real_data_dir):
     nib.save(nib.Nifti1Image(label, affine), root / "synth_label.nii.gz")
     ckpt = root / "cube_tiny.pt"
     make_cube_checkpoint(ckpt)
-    conf = {"preset": "tiny", "checkpoint": ckpt, "model_dir": root / "model", "max_epochs": 1}
+    conf = {"checkpoint": ckpt, "model_dir": root / "model", "max_epochs": 1}
     try:
         srv = AppServer(root, studies, conf, timeout=START_TIMEOUT_S)
     except RuntimeError as err:

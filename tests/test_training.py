@@ -33,6 +33,13 @@ def test_checkpoints_then_resume_continues(tmp_path, tiny_dataset):
     assert code == 0, log[-4000:]
     first = tmp_path / "models" / "checkpoint_epoch=1.pt"
     assert first.is_file() and (tmp_path / "models" / "model.pt").is_file()
+    # both files carry the network and preprocessing of configs/cpu_tiny.json (scripts.model_file)
+    from scripts.model_file import read_model_file
+
+    model = read_model_file(tmp_path / "models" / "model.pt")
+    assert model.kind == "sgp-sam" and model.preprocessing.roi_size == model.network.img_size == 64
+    assert model.network.click_map is not None and model.network.refiner is not None and model.network.multi_click
+    assert read_model_file(first).description == model.description
     assert _trainer_state(first)["iteration"] == 2  # ignite stores the iteration; epoch = iteration // length
     saved = torch.load(first, map_location="cpu", weights_only=True)
     saved_after_1 = saved["model"]
@@ -146,7 +153,8 @@ def test_shipped_pretrained_checkpoint_is_a_learned_model(tmp_path):
     from conftest import BUNDLE_ROOT, REPO_ROOT
 
     parser = ConfigParser()
-    parser.read_config([str(REPO_ROOT / p) for p in json.loads(FINETUNE.replace("'", '"'))])
+    training_configs = [p for p in json.loads(FINETUNE.replace("'", '"')) if not p.endswith("evaluate.json")]
+    parser.read_config([str(REPO_ROOT / p) for p in training_configs])
     ckpt = parser.get_parsed_content("pretrained_ckpt")
     assert ckpt.endswith("sgp_sam_tiny_synthetic.pt")
     report = load_weights(parser.get_parsed_content("network_def"), ckpt)

@@ -2,12 +2,13 @@
 
 Start (offline; nothing at start-up reaches the network)::
 
-    monailabel start_server --app apps/sgpsam_label --studies <folder> \
-        --conf preset sam_med3d --conf checkpoint /path/to/sam_med3d_turbo.pth
+    monailabel start_server --app apps/sgpsam_label --studies <folder>      # the shipped default model
+    monailabel start_server --app apps/sgpsam_label --studies <folder> --conf checkpoint /path/to/model.pt
 
-``--conf`` options: see ``lib/settings.py`` (``CONF_HELP``) and docs/monailabel.md. The app imports the bundle's
-code (``bundle/scripts``: network, preprocessing, checkpoint loader, interactive engine, training config); it does
-not re-implement any of it.
+The network and its preprocessing come from the model file (``scripts.model_file``); ``--conf`` holds serving
+options only (see ``lib/settings.py``, ``CONF_HELP``, and docs/monailabel.md) and a model setting there (preset,
+spacing, ...) stops the start with a message. The app imports the bundle's code (``bundle/scripts``: network,
+preprocessing, model files, interactive engine, training config); it does not re-implement any of it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 from monailabel.tasks.activelearning.first import First  # noqa: E402
 from monailabel.tasks.activelearning.random import Random  # noqa: E402
 from monailabel.transform.writer import write_itk  # noqa: E402
+from scripts.checkpoint import CheckpointError  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +72,14 @@ def warm_up(network, device) -> None:
 
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
-        self.settings = AppSettings.from_conf(conf, app_dir)
-        self.loader = NetworkLoader(self.settings)
+        try:
+            self.settings = AppSettings.from_conf(conf, app_dir)
+            self.loader = NetworkLoader(self.settings)  # reads the model file's network and preprocessing
+        except (ValueError, CheckpointError) as err:
+            logger.error(f"SGP-SAM app cannot start: {err}")
+            raise
         self.leases = SampleLeases(self.settings.sample_lease_s)
-        logger.info(f"SGP-SAM app settings: {self.settings.describe()}")
+        logger.info(f"SGP-SAM app settings: {self.settings.describe()}; model: {self.loader.summary()}")
         super().__init__(
             app_dir=app_dir,
             studies=studies,

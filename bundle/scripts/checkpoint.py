@@ -32,13 +32,21 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unsafe content, wrong format, or keys/shapes that do not match."""
 
 
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    """Weights-only ``torch.load`` with the allow-list; raises CheckpointError with a one-line reason."""
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """Weights-only ``torch.load`` with the allow-list; raises CheckpointError with a one-line reason.
+
+    ``mmap``: map the tensors instead of reading them (cheap when only keys, shapes or metadata are needed); files
+    in torch's legacy (non-zip) format are then read in full."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
+            if mmap:
+                try:
+                    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # legacy format: no mmap
+                    pass
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         detail = str(err).splitlines()

@@ -16,12 +16,17 @@ Protocol (deterministic, RITM-style, as SAM-Med3D's interactive evaluation):
 Lesions larger than the crop are evaluated within their lesion-centred crop only (the part of the lesion inside
 the crop is the target; ``truncated`` = 1 in the CSV); no sliding-window extension, as in the SAM-Med3D protocol.
 
-Outputs in ``output_dir``: ``per_lesion.csv``, ``summary.json``, ``dice_vs_clicks.png``; a Markdown table is printed.
+Outputs in ``output_dir``: ``per_lesion.csv`` / ``.json`` (case, lesion, size in voxels of the resampled grid, in
+mm³ and as equivalent diameter in mm, size bin, Dice after every click; NoC in the CSV), ``summary.json`` (overall
+and by size bin) and ``dice_vs_clicks.png``; a Markdown table is printed.
 
-CLI::
+The network and its preprocessing come from the model file ``ckpt_path`` (``scripts.model_file``). CLI, on the
+config's test split or on any folder of image/label pairs (``scripts.data.folders``: NIfTI or NRRD, no
+dataset.json needed)::
 
     python -m monai.bundle run evaluating \\
-        --config_file "['bundle/configs/train.json','bundle/configs/evaluate.json']" --preset tiny --preprocessing#roi_size 64
+        --config_file "['bundle/configs/train.json','bundle/configs/evaluate.json']" \\
+        --dataset_dir /path/to/cases --target_label 1 --ckpt_path bundle/models/model.pt
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,10 +45,11 @@ import numpy as np
 import torch
 from monai.utils import convert_to_tensor
 
-from .checkpoint import CheckpointError, load_weights
+from .checkpoint import CheckpointError
 from .clicks import SIZE_BINS, dice, lesion_size_bin, number_of_clicks, summarise
 from .data.crops import crop_at, lesion_crops, paste_crop
 from .data.transforms import get_preprocess_transforms, load_datalist
+from .model_file import Preprocessing, read_model_file
 from .training.click_rounds import evaluation_clicks
 
 __all__ = ["evaluate_dataset", "format_markdown_table", "run_evaluation"]
@@ -81,11 +87,8 @@ def evaluate_dataset(
     datalist: Any,
     output_dir: str | os.PathLike,
     max_clicks: int = 20,
-    spacing: float = 1.5,
+    preprocessing: Preprocessing | Mapping[str, Any] | None = None,
     target_label: int | Sequence[int] | None = 1,
-    image_channel: int | None = None,
-    ct_clamp: bool = False,
-    normalisation: str = "upstream",
     device: str | torch.device | None = None,
     whole_volume_clicks: int = 5,
     connectivity: int = 3,
@@ -103,7 +106,9 @@ def evaluate_dataset(
         datalist: list of {"image", "label"} (paths), an MSD ``dataset.json`` path, or a dict of splits (``split``).
         output_dir: where the CSV, JSON and PNG go (created).
         max_clicks: clicks per lesion (NoC cap; literature: 20).
-        spacing, target_label, image_channel, ct_clamp, normalisation: the preprocessing (as in training).
+        preprocessing: the model's :class:`~scripts.model_file.Preprocessing` (spacing, channel, clamp,
+            normalisation; a plain dict works too); None: the defaults at the network's crop size.
+        target_label: label value(s) of the lesions in the label files (None: any value > 0).
         device: defaults to the network's device.
         whole_volume_clicks: click count whose masks are merged for the whole-volume Dice.
         anatomy_key, anatomy_labels, anatomy_from_label: the TAGS anatomy prompt (None = off): the organ mask is
@@ -121,17 +126,18 @@ def evaluate_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else next(network.parameters()).device
     network = network.to(device).eval()
+    pre = Preprocessing(roi_size=network.img_size) if preprocessing is None else Preprocessing.from_dict(preprocessing)
     protocol = _Protocol(
         crop=int(network.img_size),
         max_clicks=int(max_clicks),
         keep=min(int(whole_volume_clicks), int(max_clicks)),
-        spacing=spacing,
+        spacing=pre.spacing,
         connectivity=connectivity,
         device=device,
-        normalisation=normalisation,
+        normalisation=pre.normalisation,
     )
     anatomy = (anatomy_key, anatomy_labels, anatomy_from_label)
-    pipelines = _CasePipelines(target_label, image_channel, ct_clamp, spacing, *anatomy)
+    pipelines = _CasePipelines(target_label, pre.image_channel, pre.ct_clamp, pre.spacing, *anatomy)
     records: list[dict[str, Any]] = []
     whole: list[float] = []
     skipped = prompted_crops = 0
@@ -146,6 +152,7 @@ def evaluate_dataset(
     summary, curves = _summarise_run(records, whole, protocol)
     summary.update(num_cases=len(items), skipped_lesions=skipped, anatomy_prompted_crops=prompted_crops)
     _write_csv(records, out_dir / "per_lesion.csv", max_clicks)
+    (out_dir / "per_lesion.json").write_text(json.dumps(_json_safe(records), indent=1))
     (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=1))
     if plot:
         _plot(summary["dice_curve"], {g: len(c) for g, c in curves.items()}, out_dir / "dice_vs_clicks.png")
@@ -200,7 +207,7 @@ def _evaluate_case(network, item: Mapping, case_idx: int, pipelines: _CasePipeli
     image, label = data["image"], data["label"]
     shape = tuple(int(s) for s in label.shape[1:])
     merged = torch.zeros((1, *shape), dtype=torch.bool)
-    case = Path(str(item["image"])).name
+    case = str(item.get("case") or Path(str(item["image"])).name)  # a folder's pairs carry their case name
     out = {"records": [], "whole": None, "skipped": 0, "prompted": 0}
     num_lesions = 0
     for k, num_voxels, start, img, target in lesion_crops(
@@ -234,6 +241,7 @@ def _lesion_record(case, case_idx, k, num_voxels, start, target, res, protocol: 
         "case_index": case_idx,
         "lesion": k,
         "num_voxels": num_voxels,
+        "volume_mm3": num_voxels * protocol.spacing**3,
         "voxels_in_crop": int(target.sum()),
         "equivalent_diameter_mm": _equivalent_diameter(num_voxels, protocol.spacing),
         "size_bin": lesion_size_bin(num_voxels, protocol.spacing),
@@ -288,15 +296,16 @@ def _json_safe(obj: Any) -> Any:
 
 
 def _write_csv(records: list[dict], path: Path, max_clicks: int) -> None:
-    fields = ["case", "lesion", "num_voxels", "voxels_in_crop", "equivalent_diameter_mm", "size_bin", "truncated"]
-    fields += ["crop_start", "clicks_used", *[f"dice@{k}" for k in DICE_KS]]
+    fields = ["case", "lesion", "num_voxels", "volume_mm3", "voxels_in_crop", "equivalent_diameter_mm", "size_bin"]
+    fields += ["truncated", "crop_start", "clicks_used", *[f"dice@{k}" for k in DICE_KS]]
     fields += [f"noc@{round(t * 100)}" for t in NOC_THRESHOLDS] + ["dice_curve"]
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for r in records:
-            row = {f: r[f] for f in fields[:9]}
+            row = {f: r[f] for f in fields[:10]}
+            row["volume_mm3"] = f"{r['volume_mm3']:.1f}"
             row["equivalent_diameter_mm"] = f"{r['equivalent_diameter_mm']:.2f}"
             row["truncated"] = int(r["truncated"])
             row["crop_start"] = " ".join(str(v) for v in r["crop_start"])
@@ -364,20 +373,31 @@ def format_markdown_table(summary: Mapping[str, Any]) -> str:
 
 
 def run_evaluation(
-    network: torch.nn.Module,
     ckpt_path: str | os.PathLike | None,
     datalist: Any,
     output_dir: str | os.PathLike,
+    network_factory: Callable[[], torch.nn.Module] | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """Bundle entry: load ``ckpt_path`` (None/"null" = evaluate the network as given) then :func:`evaluate_dataset`."""
+    """Bundle entry: build the network and its preprocessing from the model file ``ckpt_path``
+    (``scripts.model_file``), then :func:`evaluate_dataset`.
+
+    ``ckpt_path`` None / "null": a randomly initialised ``network_factory()`` (the config's ``network_def``) with
+    the config's ``preprocessing``, as a control."""
     if ckpt_path is not None and str(ckpt_path).strip().lower() not in ("", "none", "null"):
         if not os.path.isfile(os.fspath(ckpt_path)):
             raise CheckpointError(f"checkpoint not found: {ckpt_path} (train first or pass --ckpt_path)")
-        load_weights(network, ckpt_path)
+        model = read_model_file(ckpt_path, device or "cpu")
+        network, preprocessing = model.network, model.preprocessing
+        logger.info("model file %s (%s): preprocessing %s", ckpt_path, model.kind, preprocessing.as_dict())
     else:
-        logger.warning("ckpt_path is null: evaluating the network's current weights")
-    summary = evaluate_dataset(network, datalist, output_dir, **kwargs)
+        if network_factory is None:
+            raise CheckpointError("ckpt_path is null and no network_factory was given: nothing to evaluate")
+        logger.warning("ckpt_path is null: evaluating a RANDOMLY INITIALISED network (a control)")
+        network = network_factory()
+    summary = evaluate_dataset(network, datalist, output_dir, preprocessing=preprocessing, device=device, **kwargs)
     anatomy = f"; {summary['anatomy_prompted_crops']} with the anatomy prompt" if kwargs.get("anatomy_key") else ""
     print(f"mean Dice after 5 clicks: {summary['mean_dice@5']:.4f} ({summary['num_lesions']} lesions{anatomy})")
     return summary

@@ -28,8 +28,10 @@ equivalent masked form ``x + [p >= t] * p * g * Fuse(x)``: same output, but the 
 
 CLI (repository root, ``PYTHONPATH=bundle``)::
 
-    python -m scripts.export --config_file "['bundle/configs/train.json','configs/cpu_tiny.json']" \\
-        --ckpt_file bundle/models/model.pt --output_dir bundle/models/exported
+    python -m scripts.export --ckpt_file bundle/models/model.pt --output_dir bundle/models/exported
+
+The network and its preprocessing come from the model file (``scripts.model_file``); the preprocessing is written
+to ``export_info.json``.
 """
 
 from __future__ import annotations
@@ -41,12 +43,12 @@ import json
 import os
 import types
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .checkpoint import load_weights
+from .model_file import load_model_file
 from .modeling.sgpm import SGPMStage
 
 __all__ = [
@@ -155,11 +157,18 @@ def _example_inputs(network: nn.Module, device: torch.device) -> tuple[torch.Ten
     return image, points, labels, mask_input
 
 
-def export_encoder_decoder(network: nn.Module, output_dir: str | os.PathLike, max_points: int = 64) -> dict[str, Path]:
+def export_encoder_decoder(
+    network: nn.Module,
+    output_dir: str | os.PathLike,
+    max_points: int = 64,
+    preprocessing: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
     """Write ``encode.pt2``, ``decode.pt2`` (and ``refine.pt2`` with a refiner) and ``export_info.json``.
 
     The programs run on the device the network is on when exported (export on the deployment device). The
-    network is put in eval mode (hard SGPM gate, as in inference).
+    network is put in eval mode (hard SGPM gate, as in inference). ``preprocessing`` (the model file's: spacing,
+    crop, channel, CT clamp, normalisation) is written to ``export_info.json``: what a caller must do to an image
+    before ``encode``.
 
     Returns:
         {"encode": path, "decode": path, "info": path} (+ "refine": path)
@@ -206,6 +215,7 @@ def export_encoder_decoder(network: nn.Module, output_dir: str | os.PathLike, ma
         "torch_version": torch.__version__,
         "sgpm_gate": "hard gate as masked product (fusion always computed)",
         "refine": REFINE_FILE if refine_program is not None else None,
+        "preprocessing": dict(preprocessing) if preprocessing is not None else None,
     }
     paths["info"].write_text(json.dumps(info, indent=1))
     return paths
@@ -274,19 +284,23 @@ def build_network_from_config(config_file: str | Sequence[str], net_id: str = "n
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="Export SGP-SAM encode/decode with torch.export")
-    parser.add_argument("--config_file", required=True, help="a config path or a list literal of paths")
-    parser.add_argument("--ckpt_file", default=None, help="SGP-SAM or SAM-Med3D checkpoint (random weights if omitted)")
+    parser.add_argument("--ckpt_file", default=None, help="model file: its network and preprocessing are exported")
+    parser.add_argument("--config_file", default=None, help="without --ckpt_file: a config's network, random weights")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--net_id", default="network_def")
     parser.add_argument("--max_points", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    network = build_network_from_config(_config_files(args.config_file), args.net_id)
     if args.ckpt_file:
-        load_weights(network, args.ckpt_file)
+        network, preprocessing = load_model_file(args.ckpt_file)
+        preprocessing = preprocessing.as_dict()
+    elif args.config_file:
+        network, preprocessing = build_network_from_config(_config_files(args.config_file), args.net_id), None
+    else:
+        parser.error("pass --ckpt_file (a model file) or --config_file (random weights)")
     network.to(args.device)
-    paths = export_encoder_decoder(network, args.output_dir, max_points=args.max_points)
+    paths = export_encoder_decoder(network, args.output_dir, max_points=args.max_points, preprocessing=preprocessing)
     diffs = compare_with_eager(network, args.output_dir)
     for name, path in paths.items():
         print(f"{name}: {path}")

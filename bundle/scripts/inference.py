@@ -12,9 +12,12 @@ Clicks are [i, j, k] voxel indices of the image file as stored (the array index 
 any reorientation), i.e. what 3D Slicer shows as IJK. The output ``<output_dir>/<image stem>_seg.nii.gz`` has the
 input's shape and affine; it is written to a temporary file and renamed, so a failure leaves no partial file.
 
-Bad input (missing file, malformed or out-of-range click, 4-D image without ``image_channel``, missing or unusable
-checkpoint) prints ONE line ``error: ...`` on stderr and exits with status 1 (set ``SGPSAM_DEBUG=1`` for the
-traceback). ``ckpt_path`` null runs with random weights (smoke tests only) and says so on stderr.
+The network and its preprocessing (spacing, input channel, CT clamp, intensity normalisation) come from the model
+file ``ckpt_path`` (``scripts.model_file``); there is nothing to set to match the training.
+
+Bad input (missing file, malformed or out-of-range click, a multi-channel image for a one-channel model, missing or
+unusable model file) prints ONE line ``error: ...`` on stderr and exits with status 1 (set ``SGPSAM_DEBUG=1`` for
+the traceback).
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ import numpy as np
 import torch
 from monai.data import NibabelWriter
 
-from .checkpoint import CheckpointError, load_weights
+from .checkpoint import CheckpointError
 from .interactive import ClickError, InteractiveSegmenter, parse_click_list
+from .model_file import ModelFile, read_model_file
 
-__all__ = ["InputError", "load_network", "output_path", "parse_clicks", "run_inference", "save_mask"]
+__all__ = ["InputError", "load_model", "output_path", "parse_clicks", "run_inference", "save_mask"]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".nii.zst")
 NULL_STRINGS = ("", "none", "null")
@@ -46,19 +50,14 @@ def _is_null(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip().lower() in NULL_STRINGS)
 
 
-def load_network(network: torch.nn.Module, ckpt_path: str | os.PathLike | None, device="cpu") -> torch.nn.Module:
-    """Load ``ckpt_path`` strictly into ``network``; refuse a missing file; ``None``/"null" = keep random init."""
+def load_model(ckpt_path: str | os.PathLike | None, device="cpu") -> ModelFile:
+    """The model file ``ckpt_path`` (network + preprocessing, ``scripts.model_file``); refuse a missing file."""
     if _is_null(ckpt_path):
-        print("warning: ckpt_path is null: running with RANDOM weights (smoke test only)", file=sys.stderr)
-    else:
-        path = os.fspath(ckpt_path)
-        if not os.path.isfile(path):
-            raise CheckpointError(
-                f"checkpoint not found: {path} (train or download one, pass --ckpt_path, or --ckpt_path null for "
-                "random weights in smoke tests)"
-            )
-        load_weights(network, path)
-    return network.to(device).eval()
+        raise CheckpointError("no model file: pass --ckpt_path (a model.pt the bundle wrote, or a SAM-Med3D file)")
+    path = os.fspath(ckpt_path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path} (train or download one, or pass --ckpt_path)")
+    return read_model_file(path, device)
 
 
 def parse_clicks(clicks: Any) -> dict[str, list]:
@@ -148,16 +147,11 @@ def _one_line(err: BaseException) -> str:
 
 
 def run_inference(
-    network: torch.nn.Module,
     ckpt_path: str | os.PathLike | None,
     image: str | os.PathLike | None = None,
     clicks: Any = None,
     output_dir: str | os.PathLike = "output",
     device: str | torch.device = "cpu",
-    image_channel: int | None = None,
-    ct_clamp: bool = False,
-    spacing: float = 1.5,
-    normalisation: str = "upstream",
     batch_dir: str | os.PathLike | None = None,
     batch_clicks: Any = None,
     exit_on_error: bool = True,
@@ -165,8 +159,8 @@ def run_inference(
     """Segment one image (``image`` + ``clicks``) or every entry of ``batch_clicks`` under ``batch_dir``.
 
     Args:
-        network: the model (``network_def`` of the config), weights loaded here from ``ckpt_path``.
-        ckpt_path: checkpoint file; None / "null" = random weights (smoke tests).
+        ckpt_path: the model file; the network and its preprocessing (spacing, channel, CT clamp, normalisation)
+            come from it (``scripts.model_file``).
         clicks: dict / JSON string / JSON file ``{"foreground": [[i, j, k]], "background": [...]}`` (file voxels).
         exit_on_error: print ``error: <one line>`` to stderr and exit 1 on failure (CLI); False re-raises.
 
@@ -186,13 +180,10 @@ def run_inference(
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"image not found: {path}")
         parsed = [(path, parse_clicks(c)) for path, c in jobs]
+        model = load_model(ckpt_path, device)
+        pre = model.preprocessing
         segmenter = InteractiveSegmenter(
-            load_network(network, ckpt_path, device),
-            device=device,
-            spacing=spacing,
-            image_channel=None if _is_null(image_channel) else int(image_channel),
-            ct_clamp=bool(ct_clamp),
-            normalisation=normalisation,
+            model.network, device=device, normalisation=pre.normalisation, **pre.image_kwargs()
         )
     except Exception as err:
         return _fail(err, exit_on_error)

@@ -232,6 +232,8 @@ def build_network(config: NetworkConfig, extensions: Sequence[Callable[[SGPSAM],
     )
     for extend in extensions:
         extend(model)
+    # what the model file records (scripts.model_file), so the saved weights rebuild exactly this network
+    model.network_config, model.extension_configs = config, tuple(extensions)
     return model
 
 

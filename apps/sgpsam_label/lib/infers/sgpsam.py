@@ -97,13 +97,17 @@ class SGPSAMInfer(BasicInferTask):
     # -- MONAI Label hooks --------------------------------------------------------------------------------------
     def info(self) -> Dict[str, Any]:
         out = super().info()
-        out["sgpsam"] = {**self.settings.describe(public=True), "model_version": self.model_version()}
+        out["sgpsam"] = {
+            **self.settings.describe(public=True),
+            **self.loader.summary(),  # the network and preprocessing, as the model file describes them
+            "model_version": self.model_version(),
+        }
         if self._engine is not None:
             out["sgpsam"]["engine_stats"] = dict(self._engine.stats)
         return out
 
     def is_valid(self) -> bool:
-        return True  # without any weights the task still runs (random init, loudly logged)
+        return True  # the model file was checked when the app started
 
     def get_path(self, validate=True):
         # validate=False is where MONAI Label writes an uploaded model: never the user's --conf checkpoint
@@ -144,14 +148,12 @@ class SGPSAMInfer(BasicInferTask):
             raise HTTPException(status_code=500, detail=f"model cannot be loaded: {one_line(err)}") from None
         with self._engine_lock:
             if self._engine is None:
-                s = self.settings
+                s, pre = self.settings, self.loader.preprocessing  # the model file's preprocessing
                 self._engine = InteractiveSegmenter(
                     loaded.network,
                     device=s.device,
-                    spacing=s.spacing,
-                    image_channel=s.image_channel,
-                    ct_clamp=s.ct_clamp,
-                    normalisation=s.normalisation,
+                    normalisation=pre.normalisation,
+                    **pre.image_kwargs(),
                     cache_max_bytes=s.cache_mb * 1024**2,
                     model_version=loaded.version,
                     new_object_distance_mm=s.new_object_distance_mm,

@@ -72,10 +72,8 @@ class TTAUncertaintyScoring(ScoringMethod):
                     result = image_uncertainty(
                         loaded.network,
                         datastore.get_image_uri(image_id),
-                        spacing=self.settings.spacing,
-                        image_channel=self.settings.image_channel,
-                        ct_clamp=self.settings.ct_clamp,
-                        normalisation=self.settings.normalisation,
+                        normalisation=self.loader.preprocessing.normalisation,  # the model file's
+                        **self.loader.preprocessing.image_kwargs(),
                         num_candidates=self.settings.uncertainty_candidates,
                         flip_axes=self.settings.uncertainty_flips,
                         device=self.settings.device,

@@ -16,7 +16,8 @@ answering clicks meanwhile. What this subclass changes:
   (:mod:`lib.trainers.progress`); a killed run leaves the served model as it was and is reported
   ``INTERRUPTED``; the next run starts cleanly from the served model;
 * the labels replace ``train_datalist`` / ``val_datalist`` (so the bundle's synthetic dataset is never generated)
-  and the network/preprocessing ids follow the app's ``--conf`` (preset, sgpm, spacing, channel, CT clamp);
+  and the network and preprocessing are the served model file's (``scripts.model_file``), so the trained
+  ``model.pt`` describes the same model;
 * with fewer than ``min_val_split_cases`` labelled images the same images are used for validation (the bundle only
   writes ``model.pt`` from the validation key metric).
 """
@@ -36,7 +37,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.bundle import BundleConstants, BundleTrainTask
 from monailabel.utils.others.generic import device_list, device_map
 
-from ..model import RANDOM_VERSION, NetworkLoader
+from ..model import NetworkLoader
 from ..settings import APP_DIR, AppSettings
 from .progress import TrainProgress, read_stats
 
@@ -125,7 +126,7 @@ class SGPSAMTrain(BundleTrainTask):
     def config(self) -> Dict[str, Any]:
         return {
             "device": device_list(),
-            "pretrained": True,  # start from the current model (else: --conf checkpoint / random init)
+            "pretrained": True,  # start from the current model (else: random initialisation of its network)
             "max_epochs": self.settings.max_epochs,
             "val_split": 0.2,
         }
@@ -173,9 +174,7 @@ class SGPSAMTrain(BundleTrainTask):
     def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
         self._pretrained = None
         if pretrained:
-            loaded = self.loader.get()  # validates the file (and falls back loudly if the default one does not fit)
-            self._pretrained = loaded.path if loaded.version != RANDOM_VERSION else None
-            del loaded
+            self._pretrained = self.loader.get().path  # the served model (trained or start), checked as it loads
         logger.info(f"SGP-SAM training starts from: {self._pretrained or 'random initialisation'}")
 
     def _update_overrides(self, overrides):
@@ -191,19 +190,9 @@ class SGPSAMTrain(BundleTrainTask):
                 "max_epochs": epochs,
                 "pretrained_ckpt": self._pretrained,
                 "resume": False,
-                "preset": s.preset,
-                "sgpm": s.sgpm,
-                "network_def#click_map": s.click_map,
-                "network_def#refiner": s.refiner,
-                "network_def#click_consistent": s.click_consistent,
-                "network_def#multi_click": s.multi_click,
-                "preprocessing": {
-                    "roi_size": s.roi_size,
-                    "spacing": s.spacing,
-                    "image_channel": s.image_channel,
-                    "ct_clamp": s.ct_clamp,
-                    "normalisation": s.normalisation,
-                },
+                # the network and preprocessing of the served model file, whatever train.json defaults to
+                "network_def": {"_target_": "scripts.model_file.build_from_file", "path": s.checkpoint},
+                "preprocessing": self.loader.preprocessing.as_dict(),
                 "target_label": None,  # any non-zero label voxel is lesion (Slicer writes 1 for "lesion")
                 "ckpt_dir": os.path.join(s.model_dir, STAGING_DIR),
                 "output_dir": os.path.join(s.model_dir, "runs"),
@@ -218,9 +207,10 @@ class SGPSAMTrain(BundleTrainTask):
         staging = os.path.join(s.model_dir, STAGING_DIR)
         shutil.rmtree(staging, ignore_errors=True)  # whatever a killed run left half-written
         os.makedirs(staging, exist_ok=True)
+        summary = self.loader.summary()
         info = {
-            "preset": s.preset,
-            "sgpm": s.sgpm,
+            "preset": summary["preset"],
+            "sgpm": summary["sgpm"],
             "device": str(overrides.get("device")),
             "pretrained": os.path.basename(self._pretrained) if self._pretrained else None,
             **getattr(self, "_run_info", {}),
