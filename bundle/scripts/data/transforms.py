@@ -54,6 +54,7 @@ from .crops import (
     normalise_crop,
     paste_crop,
 )
+from .folders import folder_datalist
 
 __all__ = [
     "CT_CLAMP_RANGE",
@@ -331,7 +332,12 @@ def get_val_transforms(
 
 
 def load_datalist(dataset_json: str | os.PathLike, split: str = "training", base_dir: str | None = None) -> list[dict]:
-    """Items of ``split`` ("training", "validation", "test") from an MSD-style dataset.json, paths made absolute."""
+    """Items of ``split`` ("training", "validation", "test") from an MSD-style dataset.json, paths made absolute.
+
+    ``dataset_json`` may also be a folder of image/label pairs without a dataset.json: its pairs are the "test"
+    split (:func:`scripts.data.folders.folder_datalist`)."""
+    if os.path.isdir(dataset_json):
+        return folder_datalist(dataset_json, split)
     with open(dataset_json) as fh:
         available = [k for k, v in json.load(fh).items() if isinstance(v, list)]
     if split not in available:
