@@ -30,14 +30,11 @@ CLI (run from ``bundle/``)::
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.transforms import RandAdjustContrast, RandBiasField
@@ -47,6 +44,7 @@ from scipy import ndimage
 from . import scene_anatomy as A
 from .scene_anatomy import BUILDERS, WorkGrid, smooth_noise
 from .scene_lesions import ct_look, lesion_diameters, place_lesions, random_look
+from .synthetic_data import remove_unlisted, write_json_atomically, write_nifti
 
 __all__ = ["SCENE_WEIGHTS", "generate_scene", "generate_scenes_dataset", "ensure_scenes_dataset", "VERSION"]
 
@@ -225,17 +223,6 @@ def _quantise(rng, image: np.ndarray, modality: str) -> np.ndarray:
     return np.clip(np.round(image), 0, np.iinfo(np.int16).max).astype(np.int16)
 
 
-def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Write .nii.gz reproducibly (gzip mtime 0) and atomically (temp file, then rename)."""
-    img = nib.Nifti1Image(array, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
-    os.replace(tmp, path)
-
-
 def parse_weights(text: str | None) -> dict[str, float]:
     """``"lung=2,liver=1,brain"`` -> normalised scene weights (a bare name weighs 1); None -> SCENE_WEIGHTS."""
     if not text:
@@ -292,15 +279,13 @@ def generate_scenes_dataset(output_dir, num_train=32, num_val=4, num_test=4, see
         name = f"{CASE_PREFIX}{idx:03d}"
         image, label, affine, info = generate_scene(np.random.default_rng([seed, idx]), case_kind(seed, idx, weights))
         item = {"image": f"images{suffix}/{name}.nii.gz", "label": f"labels{suffix}/{name}.nii.gz"}
-        _write_nifti(image, affine, root / item["image"])
-        _write_nifti(label, affine, root / item["label"])
+        write_nifti(image, affine, root / item["image"])
+        write_nifti(label, affine, root / item["label"])
         splits[split].append(item)
         cases[name] = info
     listed = {item[key] for items in splits.values() for item in items for key in ("image", "label")}
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):  # drop cases of an earlier, larger run
-        for stale in (root / sub).glob(f"{CASE_PREFIX}*.nii.gz"):
-            if f"{sub}/{stale.name}" not in listed:
-                stale.unlink()
+    # drop cases of an earlier, larger run
+    remove_unlisted(root, ("imagesTr", "labelsTr", "imagesTs", "labelsTs"), CASE_PREFIX, listed)
     meta = {
         "name": "SGPSAM-LesionScenes",
         "description": "Domain-randomised CT (HU) and random-contrast MR-like scenes with lesions (no patient data)",
@@ -316,9 +301,7 @@ def generate_scenes_dataset(output_dir, num_train=32, num_val=4, num_test=4, see
         **splits,
         "lesion_scenes": {"params": params, "cases": cases},
     }
-    tmp = json_path.with_name(f".dataset.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, json_path)
+    write_json_atomically(meta, json_path)
     return json_path
 
 

@@ -59,7 +59,7 @@ GENERATOR_VERSION = 2
 CASE_PREFIX = "synth_"
 
 
-def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     """Write .nii.gz reproducibly (gzip mtime 0) and atomically (temp file + rename)."""
     img = nib.Nifti1Image(array, affine)
     img.set_qform(affine, code=1)
@@ -69,6 +69,21 @@ def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     with open(tmp, "wb") as fh:
         fh.write(gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
     os.replace(tmp, path)
+
+
+def remove_unlisted(root: Path, folders, prefix: str, listed: set[str]) -> None:
+    """Delete ``<folder>/<prefix>*.nii.gz`` files that ``listed`` (paths relative to ``root``) does not name."""
+    for sub in folders:
+        for f in (root / sub).glob(f"{prefix}*.nii.gz"):
+            if f"{sub}/{f.name}" not in listed:
+                f.unlink()
+
+
+def write_json_atomically(meta: dict, json_path: Path) -> None:
+    """Write ``dataset.json`` through a temp file and a rename, so a reader never sees half of it."""
+    tmp = json_path.with_name(f".dataset.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, json_path)
 
 
 def _params(
@@ -153,20 +168,17 @@ def generate_dataset(
         name = f"{CASE_PREFIX}{idx:03d}"
         image, label, organ, affine, info = generate_case_with_organ(np.random.default_rng([seed, idx]), shape)
         item = {"image": f"images{suffix}/{name}.nii.gz", "label": f"labels{suffix}/{name}.nii.gz"}
-        _write_nifti(image, affine, root / item["image"])
-        _write_nifti(label, affine, root / item["label"])
+        write_nifti(image, affine, root / item["image"])
+        write_nifti(label, affine, root / item["label"])
         if organ_masks:
             item["organ"] = f"organs{suffix}/{name}.nii.gz"
-            _write_nifti(organ, affine, root / item["organ"])
+            write_nifti(organ, affine, root / item["organ"])
         splits[split].append(item)
         cases[name] = info
 
     # Drop stale cases of an earlier, larger run so the folders match dataset.json.
     listed = {path for items in splits.values() for item in items for key, path in item.items()}
-    for sub in folders + organ_folders:
-        for f in (root / sub).glob(f"{CASE_PREFIX}*.nii.gz"):
-            if f"{sub}/{f.name}" not in listed:
-                f.unlink()
+    remove_unlisted(root, folders + organ_folders, CASE_PREFIX, listed)
 
     meta = {
         "name": "SGPSAM-SyntheticLesions",
@@ -184,9 +196,7 @@ def generate_dataset(
         **splits,
         "synthetic": {"params": params, "cases": cases},
     }
-    tmp = json_path.with_name(f".dataset.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, json_path)
+    write_json_atomically(meta, json_path)
     return json_path
 
 
