@@ -6,7 +6,8 @@
 # embedded-style synthetic corpus (seed 1000, as tools/pretrain_tiny.sh), with the flag-free "robust" crop
 # normalisation so one model takes CT and MR. Seeds are fixed; the bundle picks a GPU when one is available.
 # No real case is used: choose recipes on one group of real cases and report on another (docs/experiments.md).
-# Sizes can be set by environment: SCENES_TRAIN (default 480), SCENES_VAL (16), SYNTH_TRAIN (160), SYNTH_VAL (12).
+# Sizes can be set by environment: SCENES_TRAIN (default 480), SCENES_VAL (16), SYNTH_TRAIN (160), SYNTH_VAL (12);
+# WORKERS processes generate the data (default: all cores; the files do not depend on it).
 # Extra arguments override the training config, e.g. --max_epochs 1 --iterations_per_epoch 2 for a smoke run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,9 +16,9 @@ data=bundle/data
 work=bundle/runs/pretrain_default
 out=bundle/models/pretrained/sgp_sam_default.pt
 (cd bundle && python -m scripts.data.lesion_scenes --output_dir ../$data/scenes_default \
-    --num_train "${SCENES_TRAIN:-480}" --num_val "${SCENES_VAL:-16}" --num_test 0 --seed 2000)
+    --num_train "${SCENES_TRAIN:-480}" --num_val "${SCENES_VAL:-16}" --num_test 0 --seed 2000 --workers "${WORKERS:-$(nproc)}")
 (cd bundle && python -m scripts.data.synthetic_data --output_dir ../$data/synthetic_pretrain \
-    --num_train "${SYNTH_TRAIN:-160}" --num_val "${SYNTH_VAL:-12}" --num_test 0 --seed 1000)
+    --num_train "${SYNTH_TRAIN:-160}" --num_val "${SYNTH_VAL:-12}" --num_test 0 --seed 1000 --workers "${WORKERS:-$(nproc)}")
 mix=$data/default_mix.json
 python - "$mix" "$data/scenes_default/dataset.json" "$data/synthetic_pretrain/dataset.json" <<'EOF'
 import json

@@ -44,7 +44,7 @@ from scipy import ndimage
 from . import scene_anatomy as A
 from .scene_anatomy import BUILDERS, WorkGrid, smooth_noise
 from .scene_lesions import ct_look, lesion_diameters, place_lesions, random_look
-from .synthetic_data import remove_unlisted, write_json_atomically, write_nifti
+from .synthetic_data import remove_unlisted, run_jobs, write_json_atomically, write_nifti
 
 __all__ = ["SCENE_WEIGHTS", "generate_scene", "generate_scenes_dataset", "ensure_scenes_dataset", "VERSION"]
 
@@ -243,12 +243,22 @@ def case_kind(seed: int, index: int, weights: dict[str, float]) -> str:
     return str(rng.choice(list(weights), p=np.array(list(weights.values())) / sum(weights.values())))
 
 
-def generate_scenes_dataset(output_dir, num_train=32, num_val=4, num_test=4, seed=0, kinds=None, overwrite=False):
+def _write_scene(root: Path, seed: int, idx: int, kind: str, item: dict) -> dict:
+    image, label, affine, info = generate_scene(np.random.default_rng([seed, idx]), kind)
+    write_nifti(image, affine, root / item["image"])
+    write_nifti(label, affine, root / item["label"])
+    return info
+
+
+def generate_scenes_dataset(
+    output_dir, num_train=32, num_val=4, num_test=4, seed=0, kinds=None, overwrite=False, workers=1
+):
     """Write the scene dataset (layout in the module docstring) and return the path of its ``dataset.json``.
 
-    Idempotent: an existing ``dataset.json`` written with the same parameters, with every listed file present, is
-    kept. ``dataset.json`` is removed first and written last, so an interrupted run regenerates. A dataset.json not
-    written by this module is only replaced with ``overwrite=True``."""
+    ``workers`` processes draw the cases in parallel; the files are the same for any number. Idempotent: an existing
+    ``dataset.json`` written with the same parameters, with every listed file present, is kept. ``dataset.json`` is
+    removed first and written last, so an interrupted run regenerates. A dataset.json not written by this module is
+    only replaced with ``overwrite=True``."""
     root = Path(output_dir)
     json_path = root / "dataset.json"
     weights = parse_weights(kinds) if isinstance(kinds, (str, type(None))) else dict(kinds)
@@ -272,17 +282,16 @@ def generate_scenes_dataset(output_dir, num_train=32, num_val=4, num_test=4, see
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     splits: dict[str, list] = {"training": [], "validation": [], "test": []}
-    cases: dict[str, Any] = {}
+    jobs = []
     for idx in range(num_train + num_val + num_test):
         split = "training" if idx < num_train else "validation" if idx < num_train + num_val else "test"
         suffix = "Ts" if split == "test" else "Tr"
         name = f"{CASE_PREFIX}{idx:03d}"
-        image, label, affine, info = generate_scene(np.random.default_rng([seed, idx]), case_kind(seed, idx, weights))
         item = {"image": f"images{suffix}/{name}.nii.gz", "label": f"labels{suffix}/{name}.nii.gz"}
-        write_nifti(image, affine, root / item["image"])
-        write_nifti(label, affine, root / item["label"])
         splits[split].append(item)
-        cases[name] = info
+        jobs.append((root, seed, idx, case_kind(seed, idx, weights), item))
+    infos = run_jobs(_write_scene, jobs, workers)
+    cases: dict[str, Any] = {f"{CASE_PREFIX}{job[2]:03d}": info for job, info in zip(jobs, infos)}
     listed = {item[key] for items in splits.values() for item in items for key in ("image", "label")}
     # drop cases of an earlier, larger run
     remove_unlisted(root, ("imagesTr", "labelsTr", "imagesTs", "labelsTs"), CASE_PREFIX, listed)
@@ -344,11 +353,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--kinds", default=None, help=f"scene mix, e.g. 'lung=2,liver=2,brain' (default {SCENE_WEIGHTS})"
     )
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--workers", type=int, default=1, help="parallel processes (same files for any number)")
     args = parser.parse_args(argv)
     start = time.time()
-    path = generate_scenes_dataset(
-        args.output_dir, args.num_train, args.num_val, args.num_test, args.seed, args.kinds, args.overwrite
-    )
+    sizes = (args.num_train, args.num_val, args.num_test)
+    path = generate_scenes_dataset(args.output_dir, *sizes, args.seed, args.kinds, args.overwrite, args.workers)
     print(f"{path} ready ({time.time() - start:.1f} s)")
 
 

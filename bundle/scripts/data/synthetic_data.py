@@ -29,11 +29,13 @@ import gzip
 import json
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from .synthetic_case import (
     DEFAULT_SHAPE,
@@ -77,6 +79,14 @@ def remove_unlisted(root: Path, folders, prefix: str, listed: set[str]) -> None:
         for f in (root / sub).glob(f"{prefix}*.nii.gz"):
             if f"{sub}/{f.name}" not in listed:
                 f.unlink()
+
+
+def run_jobs(function: Callable, jobs: Sequence[tuple], workers: int = 1) -> list:
+    """``[function(*job) for job in jobs]``, in ``workers`` processes when more than one (results in job order)."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [function(*job) for job in jobs]
+    with ProcessPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return list(pool.map(function, *zip(*jobs), chunksize=1))
 
 
 def write_json_atomically(meta: dict, json_path: Path) -> None:
@@ -123,6 +133,15 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _write_case(root: Path, seed: int, idx: int, shape: Sequence[int], item: dict) -> dict:
+    image, label, organ, affine, info = generate_case_with_organ(np.random.default_rng([seed, idx]), shape)
+    write_nifti(image, affine, root / item["image"])
+    write_nifti(label, affine, root / item["label"])
+    if "organ" in item:
+        write_nifti(organ, affine, root / item["organ"])
+    return info
+
+
 def generate_dataset(
     output_dir: str | os.PathLike,
     num_train: int = 24,
@@ -132,6 +151,7 @@ def generate_dataset(
     shape: Sequence[int] = DEFAULT_SHAPE,
     overwrite: bool = False,
     organ_masks: bool = False,
+    workers: int = 1,
 ) -> Path:
     """Write the synthetic dataset and return the path of its ``dataset.json``.
 
@@ -141,7 +161,7 @@ def generate_dataset(
     listed file exists, nothing is done. ``dataset.json`` is removed first and written last, so an interrupted
     run is regenerated next time. A ``dataset.json`` not written by this generator is never replaced unless
     ``overwrite=True``. Case ``i`` is drawn from ``numpy.random.default_rng([seed, i])``, so it does not depend
-    on the split sizes.
+    on the split sizes (nor on the number of ``workers`` processes that draw them).
     """
     root = Path(output_dir)
     json_path = root / "dataset.json"
@@ -160,21 +180,18 @@ def generate_dataset(
     for sub in folders + (organ_folders if organ_masks else ()):
         (root / sub).mkdir(parents=True, exist_ok=True)
     splits = {"training": [], "validation": [], "test": []}
-    cases: dict[str, Any] = {}
-    n_total = num_train + num_val + num_test
-    for idx in range(n_total):
+    jobs = []
+    for idx in range(num_train + num_val + num_test):
         split = "training" if idx < num_train else "validation" if idx < num_train + num_val else "test"
         suffix = "Ts" if split == "test" else "Tr"
         name = f"{CASE_PREFIX}{idx:03d}"
-        image, label, organ, affine, info = generate_case_with_organ(np.random.default_rng([seed, idx]), shape)
         item = {"image": f"images{suffix}/{name}.nii.gz", "label": f"labels{suffix}/{name}.nii.gz"}
-        write_nifti(image, affine, root / item["image"])
-        write_nifti(label, affine, root / item["label"])
         if organ_masks:
             item["organ"] = f"organs{suffix}/{name}.nii.gz"
-            write_nifti(organ, affine, root / item["organ"])
         splits[split].append(item)
-        cases[name] = info
+        jobs.append((root, seed, idx, shape, item))
+    infos = run_jobs(_write_case, jobs, workers)
+    cases: dict[str, Any] = {f"{CASE_PREFIX}{job[2]:03d}": info for job, info in zip(jobs, infos)}
 
     # Drop stale cases of an earlier, larger run so the folders match dataset.json.
     listed = {path for items in splits.values() for item in items for key, path in item.items()}
@@ -234,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("X", "Y", "Z"))
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--organ_masks", action="store_true", help="also write organ masks (TAGS anatomy prompt)")
+    parser.add_argument("--workers", type=int, default=1, help="parallel processes (same files for any number)")
     args = parser.parse_args(argv)
     start = time.time()
     path = generate_dataset(
@@ -245,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.shape,
         args.overwrite,
         organ_masks=args.organ_masks,
+        workers=args.workers,
     )
     print(f"{path} ready ({time.time() - start:.1f} s)")
 
