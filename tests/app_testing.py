@@ -223,6 +223,14 @@ class AppServer:
 # ----------------------------------------------------------------------------------------------------------------
 # small images
 # ----------------------------------------------------------------------------------------------------------------
+def start_cube_app(root: Path, studies: Path) -> AppServer:
+    """The app on ``studies`` serving the cube stand-in (``make_cube_checkpoint``), with scoring after training off."""
+    ckpt = root / "cube.pt"
+    make_cube_checkpoint(ckpt)
+    conf = {"checkpoint": ckpt, "model_dir": root / "model"}
+    return AppServer(root, studies, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
+
+
 def write_image(path, array: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=None) -> None:
     """Write an (i, j, k)-indexed array with ITK's geometry (LPS origin and direction), as Slicer reads it back."""
     image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))

@@ -21,7 +21,7 @@ import pytest
 import requests
 import SimpleITK as sitk
 from app_malformed import malformed_requests
-from app_testing import MODEL, AppServer, blob_image, make_cube_checkpoint, write_image
+from app_testing import MODEL, AppServer, blob_image, start_cube_app, write_image
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -42,10 +42,7 @@ def server(tmp_path_factory):
         write_image(studies / f"{name}{ext}", image, SPACING, origin=(-50.0, 20.0, 10.0 * n))
     big = np.random.default_rng(7).integers(0, 400, (300, 300, 160), dtype=np.int16)  # seconds to preprocess
     write_image(studies / "big.nii", big, (0.6, 0.6, 0.8))
-    ckpt = root / "cube.pt"
-    make_cube_checkpoint(ckpt)
-    conf = {"checkpoint": ckpt, "model_dir": root / "model"}
-    srv = AppServer(root, studies, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
+    srv = start_cube_app(root, studies)
     yield srv
     srv.stop()
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import requests
-from app_testing import MODEL, AppServer, blob_image, make_cube_checkpoint, write_image
+from app_testing import MODEL, blob_image, start_cube_app, write_image
 from scripts.checkpoint import load_weights
 from scripts.modeling import build_sgp_sam
 
@@ -35,10 +35,7 @@ def server(tmp_path_factory):
         image, label = blob_image(SHAPE, centre=[20 + 3 * n, 20, 12], radius=5, seed=n)
         write_image(studies / f"{name}.nrrd", image, (1.5, 1.5, 2.0))
         write_image(studies / "labels" / "final" / f"{name}.nrrd", label, (1.5, 1.5, 2.0))
-    ckpt = root / "cube.pt"
-    make_cube_checkpoint(ckpt)
-    conf = {"checkpoint": ckpt, "model_dir": root / "model"}
-    srv = AppServer(root, studies, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
+    srv = start_cube_app(root, studies)
     yield srv
     srv.stop()
 

@@ -1,5 +1,5 @@
 """``evaluate.json`` on a folder of image/label pairs without a dataset.json (scripts/data/folders.py): the layouts,
-and the bundle CLI on the vendored real NRRD cases with the shipped tiny model file."""
+and the bundle CLI on the vendored real NRRD cases with the shipped default model file."""
 
 import csv
 import json
@@ -13,7 +13,7 @@ from scripts.data.transforms import load_datalist
 
 from conftest import BUNDLE_ROOT, run_bundle_cli
 
-TINY_MODEL = BUNDLE_ROOT / "models" / "pretrained" / "sgp_sam_tiny_synthetic.pt"
+DEFAULT_MODEL = BUNDLE_ROOT / "models" / "pretrained" / "sgp_sam_default.pt"
 CONFIGS = "['bundle/configs/train.json','bundle/configs/evaluate.json']"
 
 

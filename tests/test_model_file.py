@@ -150,7 +150,7 @@ def test_shipped_default_model_is_a_model_file():
     from monai.bundle import ConfigParser
 
     path = default_model_path(BUNDLE_ROOT)
-    assert path.endswith(("sgp_sam_default.pt", "sgp_sam_tiny_synthetic.pt"))
+    assert path.endswith("sgp_sam_default.pt")
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / "configs" / "inference.json"))
     assert parser.get_parsed_content("ckpt_path") == path

@@ -1,12 +1,11 @@
 """Give a weights-only checkpoint the description a model file needs (network + preprocessing, scripts.model_file).
 
 For files written before model files carried their description. You state how the weights were trained; the
-weights must fit that network exactly (every key, every shape), or nothing is written. Example (the shipped tiny
-pretrained checkpoint)::
+weights must fit that network exactly (every key, every shape), or nothing is written. Example (a tiny-preset
+checkpoint trained like the shipped default model)::
 
-    python tools/describe_model_file.py bundle/models/pretrained/sgp_sam_tiny_synthetic.pt \
-        bundle/models/pretrained/sgp_sam_tiny_synthetic.pt --preset tiny --click_map --refiner --multi_click \
-        --roi_size 64 --spacing 1.5 --normalisation upstream --half
+    python tools/describe_model_file.py old_model.pt described_model.pt --preset tiny --click_map --refiner \
+        --multi_click --roi_size 64 --spacing 1.5 --normalisation robust --half
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 #
 # Tiny preset (fast on a 2-core CPU), trained from scratch on a mix that targets real scans: domain-randomised
 # lesion scenes (scripts.data.lesion_scenes: CT in HU and random-contrast MR-like scenes, seed 2000) plus the
-# embedded-style synthetic corpus (seed 1000, as tools/pretrain_tiny.sh), with the flag-free "robust" crop
+# embedded-style synthetic corpus (seed 1000), with the flag-free "robust" crop
 # normalisation so one model takes CT and MR. Seeds are fixed; the bundle picks a GPU when one is available.
 # No real case is used: choose recipes on one group of real cases and report on another (docs/experiments.md).
 # Sizes can be set by environment: SCENES_TRAIN (default 480), SCENES_VAL (16), SYNTH_TRAIN (160), SYNTH_VAL (12);

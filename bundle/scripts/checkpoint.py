@@ -21,8 +21,11 @@ import torch
 from torch import nn
 
 # Inert types found in SAM-Med3D checkpoints (args Namespace, numpy scalars in losses/dices lists).
-_NUMPY_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core (numpy 1: no np._core)
-SAFE_GLOBALS: list[Any] = [argparse.Namespace, np.dtype, _NUMPY_CORE.multiarray.scalar, OrderedDict]
+if np.lib.NumpyVersion(np.__version__) >= "2.0.0":  # numpy 2 renamed np.core to np._core
+    from numpy._core.multiarray import scalar as _numpy_scalar
+else:
+    from numpy.core.multiarray import scalar as _numpy_scalar
+SAFE_GLOBALS: list[Any] = [argparse.Namespace, np.dtype, _numpy_scalar, OrderedDict]
 SAFE_GLOBALS += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
 
 STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model", "network", "net")

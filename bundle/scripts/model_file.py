@@ -67,7 +67,6 @@ __all__ = [
 ]
 
 DEFAULT_MODEL_NAME = "sgp_sam_default.pt"
-FALLBACK_MODEL_NAME = "sgp_sam_tiny_synthetic.pt"
 WEIGHTS_KEY = "model"
 DESCRIPTION_KEY = "sgpsam_model"
 FORMAT_VERSION = 1
@@ -309,11 +308,8 @@ def read_model_file(path: str | os.PathLike, device: str | torch.device = "cpu")
 
 
 def default_model_path(bundle_root: str | os.PathLike | None = None) -> str:
-    """The shipped default model: ``models/pretrained/sgp_sam_default.pt`` of the bundle, or, while that file is
-    not there, the shipped tiny synthetic model ``models/pretrained/sgp_sam_tiny_synthetic.pt``."""
-    folder = os.path.join(os.fspath(bundle_root or BUNDLE_ROOT), "models", "pretrained")
-    default = os.path.join(folder, DEFAULT_MODEL_NAME)
-    return default if os.path.isfile(default) else os.path.join(folder, FALLBACK_MODEL_NAME)
+    """The shipped default model: ``models/pretrained/sgp_sam_default.pt`` of the bundle."""
+    return os.path.join(os.fspath(bundle_root or BUNDLE_ROOT), "models", "pretrained", DEFAULT_MODEL_NAME)
 
 
 def read_description(path: str | os.PathLike) -> dict[str, Any]:

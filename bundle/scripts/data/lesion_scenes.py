@@ -44,7 +44,7 @@ from scipy import ndimage
 from . import scene_anatomy as A
 from .scene_anatomy import BUILDERS, WorkGrid, smooth_noise
 from .scene_lesions import ct_look, lesion_diameters, place_lesions, random_look
-from .synthetic_data import remove_unlisted, run_jobs, write_json_atomically, write_nifti
+from .synthetic_data import dataset_meta, remove_unlisted, run_jobs, write_json_atomically, write_nifti
 
 __all__ = ["SCENE_WEIGHTS", "generate_scene", "generate_scenes_dataset", "ensure_scenes_dataset", "VERSION"]
 
@@ -295,21 +295,15 @@ def generate_scenes_dataset(
     listed = {item[key] for items in splits.values() for item in items for key in ("image", "label")}
     # drop cases of an earlier, larger run
     remove_unlisted(root, ("imagesTr", "labelsTr", "imagesTs", "labelsTs"), CASE_PREFIX, listed)
-    meta = {
-        "name": "SGPSAM-LesionScenes",
-        "description": "Domain-randomised CT (HU) and random-contrast MR-like scenes with lesions (no patient data)",
-        "reference": "bundle/scripts/data/lesion_scenes.py",
-        "licence": "CC0-1.0",
-        "release": str(VERSION),
-        "tensorImageSize": "3D",
-        "modality": {"0": "CT or MR, per case in lesion_scenes.cases"},
-        "labels": {"0": "background", "1": "lesion"},
-        "numTraining": len(splits["training"]),
-        "numValidation": len(splits["validation"]),
-        "numTest": len(splits["test"]),
-        **splits,
-        "lesion_scenes": {"params": params, "cases": cases},
-    }
+    meta = dataset_meta(
+        "SGPSAM-LesionScenes",
+        "Domain-randomised CT (HU) and random-contrast MR-like scenes with lesions (no patient data)",
+        "lesion_scenes",
+        VERSION,
+        "CT or MR, per case in lesion_scenes.cases",
+        splits,
+    )
+    meta["lesion_scenes"] = {"params": params, "cases": cases}
     write_json_atomically(meta, json_path)
     return json_path
 

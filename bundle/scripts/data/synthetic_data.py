@@ -89,6 +89,27 @@ def run_jobs(function: Callable, jobs: Sequence[tuple], workers: int = 1) -> lis
         return list(pool.map(function, *zip(*jobs), chunksize=1))
 
 
+def dataset_meta(
+    name: str, description: str, module: str, release: int, modality: str, splits: dict, **extra: Any
+) -> dict:
+    """MSD-style ``dataset.json`` content of a generated (CC0) dataset with one lesion label."""
+    return {
+        "name": name,
+        "description": description,
+        "reference": f"bundle/scripts/data/{module}.py",
+        "licence": "CC0-1.0",
+        "release": str(release),
+        "tensorImageSize": "3D",
+        "modality": {"0": modality},
+        "labels": {"0": "background", "1": "lesion"},
+        **extra,
+        "numTraining": len(splits["training"]),
+        "numValidation": len(splits["validation"]),
+        "numTest": len(splits["test"]),
+        **splits,
+    }
+
+
 def write_json_atomically(meta: dict, json_path: Path) -> None:
     """Write ``dataset.json`` through a temp file and a rename, so a reader never sees half of it."""
     tmp = json_path.with_name(f".dataset.json.{os.getpid()}.tmp")
@@ -197,22 +218,16 @@ def generate_dataset(
     listed = {path for items in splits.values() for item in items for key, path in item.items()}
     remove_unlisted(root, folders + organ_folders, CASE_PREFIX, listed)
 
-    meta = {
-        "name": "SGPSAM-SyntheticLesions",
-        "description": "Synthetic MR-like organ volumes with irregular lesions (generated, no patient data)",
-        "reference": "bundle/scripts/data/synthetic_data.py",
-        "licence": "CC0-1.0",
-        "release": str(GENERATOR_VERSION),
-        "tensorImageSize": "3D",
-        "modality": {"0": "MR"},
-        "labels": {"0": "background", "1": "lesion"},
+    meta = dataset_meta(
+        "SGPSAM-SyntheticLesions",
+        "Synthetic MR-like organ volumes with irregular lesions (generated, no patient data)",
+        "synthetic_data",
+        GENERATOR_VERSION,
+        "MR",
+        splits,
         **({"organ": "organs*/: 1 = organ (lesions included), 0 = outside"} if organ_masks else {}),
-        "numTraining": len(splits["training"]),
-        "numValidation": len(splits["validation"]),
-        "numTest": len(splits["test"]),
-        **splits,
-        "synthetic": {"params": params, "cases": cases},
-    }
+    )
+    meta["synthetic"] = {"params": params, "cases": cases}
     write_json_atomically(meta, json_path)
     return json_path
 

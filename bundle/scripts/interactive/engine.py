@@ -14,7 +14,7 @@ the file's grid (``windows.py``), so the result has the input file's shape and a
 Click rounds (how SAM-Med3D was trained): every round feeds only the NEW click(s) of an object together with that
 object's previous low-res logits as the mask prompt; round one uses an all-zero mask prompt.
 
-Objects (several lesions = several crops):
+Objects (several lesions = several crops; ``sessions.assign_click``):
     * the first click of a session starts object 0, its crop centred on that click;
     * a later FOREGROUND click starts a new object when it is farther than ``new_object_distance_mm`` (default
       0.4 x S x spacing) from every click of every object AND outside the central region (the central half,
@@ -33,22 +33,7 @@ prefixes):
       and feed the remaining clicks as one round.
     * ``reset=True`` forgets the session first.
 
-Large lesions (``windows.py``; SAM-Med3D: extend with 50 %-overlap windows where the mask touches the crop edge).
-Rule used here, per object and recomputed whenever the object gets new clicks:
-    1. the object's mask in its main window is checked face by face (order -x, +x, -y, +y, -z, +z); a face counts
-       when the mask has a voxel on the window's outermost slice there AND the resampled volume continues beyond
-       that face;
-    2. each such face queues a window shifted by ``S // 2`` along that axis (50 % overlap), breadth first;
-       windows found touching a face are expanded the same way; a start already used is skipped; at most
-       ``max_extra_windows`` (default 6) extra windows per object;
-    3. an extra window is prompted with ALL of the object's clicks that fall inside it (crop coordinates), and as
-       mask prompt the object's current full-resolution logits cropped to the window (where earlier windows
-       overlap it; the union's maximum logit) and area-downsampled to the low-res grid; the part no window has
-       seen yet is 0, i.e. the "no prior" value of round one. No click inside = a mask-only round, which SAM-Med3D
-       also trained on;
-    4. the object's mask is the union over its windows of ``sigmoid(upsampled logits) > 0.5``, each window's logits
-       first made to agree with its clicks when the network is ``click_consistent`` (``click_rounds.shown_logits``;
-       only the main window keeps just the components that hold a foreground click).
+Large lesions get 50 %-overlap extension windows where the mask touches the crop edge (rule in ``windows.py``).
 The merged mask is the union over objects.
 
 Caching (``cache.py``): a bounded LRU (``cache_max_bytes``, counted as tensor ``nbytes``) holds the preprocessed
@@ -86,6 +71,7 @@ from .sessions import (
     Session,
     SessionStore,
     Snapshot,
+    assign_click,
     check_bounds,
     pack_mask,
     parse_click_list,
@@ -358,28 +344,12 @@ class InteractiveSegmenter:
     def _inside(self, point, start, margin: float = 0.0) -> bool:
         return inside(point, start, self.crop_size, margin)
 
-    def _assign(self, objects: list[ObjectState], click: Click) -> int | None:
-        """Index of the object the click belongs to, or None when it starts a new object (module docstring)."""
-        if not objects:
-            return None
-        p = np.asarray(click.point)
-        dist = [min(np.linalg.norm(p - np.asarray(c.point)) * self.spacing for c in o.clicks) for o in objects]
-        containing = [i for i, o in enumerate(objects) if self._inside(click.point, o.start)]
-        if click.label == 1:
-            if not containing:
-                return None
-            central = any(self._inside(click.point, o.start, margin=self.crop_size / 4.0) for o in objects)
-            if min(dist) > self.new_object_distance_mm and not central:
-                return None
-        candidates = containing or list(range(len(objects)))
-        return min(candidates, key=lambda i: (dist[i], i))
-
     def _run_round(self, image_id: str, inf: InferenceImage, objects: list[ObjectState], clicks: list[Click]) -> None:
         """Assign the round's clicks to objects (creating new ones) and update every touched object in place."""
         s = self.crop_size
         touched: dict[int, list[Click]] = {}
         for click in clicks:
-            idx = self._assign(objects, click)
+            idx = assign_click(objects, click, s, self.spacing, self.new_object_distance_mm)
             if idx is None:
                 if self.max_objects is not None and len(objects) >= self.max_objects:
                     shown = [round(v, 1) for v in click.point]

@@ -21,7 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["ClickError", "Click", "ObjectState", "Session", "SessionStore", "Snapshot", "parse_click_list"]
+from .windows import inside
+
+__all__ = [
+    "ClickError",
+    "Click",
+    "ObjectState",
+    "Session",
+    "SessionStore",
+    "Snapshot",
+    "assign_click",
+    "parse_click_list",
+]
 
 
 class ClickError(ValueError):
@@ -229,3 +240,26 @@ def _common_prefix(a: list, b: list) -> int:
             break
         n += 1
     return n
+
+
+def assign_click(
+    objects: list[ObjectState], click: Click, crop_size: int, spacing: float, new_object_mm: float
+) -> int | None:
+    """Index of the object ``click`` belongs to, or None when it starts a new object.
+
+    A foreground click starts one when it lies outside every object's crop, or when it is farther than
+    ``new_object_mm`` from every click of every object and outside the central half of every crop. Otherwise the
+    click goes to the nearest object (distance to its clicks), preferring objects whose crop holds it."""
+    if not objects:
+        return None
+    p = np.asarray(click.point)
+    dist = [min(np.linalg.norm(p - np.asarray(c.point)) * spacing for c in o.clicks) for o in objects]
+    containing = [i for i, o in enumerate(objects) if inside(click.point, o.start, crop_size)]
+    if click.label == 1:
+        if not containing:
+            return None
+        central = any(inside(click.point, o.start, crop_size, margin=crop_size / 4.0) for o in objects)
+        if min(dist) > new_object_mm and not central:
+            return None
+    candidates = containing or list(range(len(objects)))
+    return min(candidates, key=lambda i: (dist[i], i))

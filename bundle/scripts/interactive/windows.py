@@ -3,6 +3,23 @@
 
 A window is the ``S``³ network crop starting at voxel ``start`` of the resampled RAS volume (``start`` may be
 negative or run past the end: the outside is zero-padded, see :func:`scripts.data.transforms.crop_at`).
+
+Large lesions (SAM-Med3D: extend with 50 %-overlap windows where the mask touches the crop edge). The engine's rule,
+per object and recomputed whenever the object gets new clicks:
+    1. the object's mask in its main window is checked face by face (order -x, +x, -y, +y, -z, +z); a face counts
+       when the mask has a voxel on the window's outermost slice there AND the resampled volume continues beyond
+       that face;
+    2. each such face queues a window shifted by ``S // 2`` along that axis (50 % overlap), breadth first;
+       windows found touching a face are expanded the same way; a start already used is skipped; at most
+       ``max_extra_windows`` (default 6) extra windows per object;
+    3. an extra window is prompted with ALL of the object's clicks that fall inside it (crop coordinates), and as
+       mask prompt the object's current full-resolution logits cropped to the window (where earlier windows
+       overlap it; the union's maximum logit) and area-downsampled to the low-res grid; the part no window has
+       seen yet is 0, i.e. the "no prior" value of round one. No click inside = a mask-only round, which SAM-Med3D
+       also trained on;
+    4. the object's mask is the union over its windows of ``sigmoid(upsampled logits) > 0.5``, each window's logits
+       first made to agree with its clicks when the network is ``click_consistent`` (``click_rounds.shown_logits``;
+       only the main window keeps just the components that hold a foreground click).
 """
 
 from __future__ import annotations
