@@ -86,10 +86,14 @@ BUDGETS = {
 
 
 def real_cases(data_dir: str | os.PathLike | None = None) -> list[dict[str, str]]:
-    """``*_image.nrrd`` / ``*_label.nrrd`` pairs in ``data_dir`` (default ``tests/data``: brain1, brain2, breast1)."""
+    """``*_image.nrrd`` / ``*_label.nrrd`` pairs in ``data_dir``; by default the study's three MR cases in
+    ``tests/data`` (brain1, brain2, breast1; the CT crop there is left out, as when the study was run)."""
     root = Path(data_dir or REPO_ROOT / "tests" / "data")
+    images = sorted(root.glob("*_image.nrrd"))
+    if data_dir is None:
+        images = [root / f"{case}_image.nrrd" for case in ("brain1", "brain2", "breast1")]
     items = []
-    for image in sorted(root.glob("*_image.nrrd")):
+    for image in images:
         label = image.with_name(image.name.replace("_image.nrrd", "_label.nrrd"))
         if label.is_file():
             items.append({"image": str(image), "label": str(label)})

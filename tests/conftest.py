@@ -31,7 +31,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
-    """The vendored pyradiomics MR cases: ``{brain1,brain2,breast1}_{image,label}.nrrd``."""
+    """The vendored pyradiomics cases: ``{brain1,brain2,breast1,lung1crop}_{image,label}.nrrd`` (three MR, one CT)."""
     return TEST_DATA
 
 

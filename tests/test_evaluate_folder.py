@@ -62,14 +62,14 @@ def test_cli_evaluates_a_folder_of_real_nrrd_pairs(tmp_path, real_data_dir):
     out = tmp_path / "eval"
     code, log = run_bundle_cli(
         "run", "evaluating", "--config_file", CONFIGS, "--dataset_dir", str(data), "--target_label", "1",
-        "--ckpt_path", str(TINY_MODEL), "--eval_output_dir", str(out), "--max_clicks", "3", "--device", "cpu",
+        "--ckpt_path", str(DEFAULT_MODEL), "--eval_output_dir", str(out), "--max_clicks", "3", "--device", "cpu",
     )  # fmt: skip
     assert code == 0, log[-4000:]
     assert sorted(p.name for p in data.iterdir()) == before  # nothing written into the user's folder
 
     with open(out / "per_lesion.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert {r["case"] for r in rows} == {"brain1", "brain2", "breast1"}
+    assert {r["case"] for r in rows} == {"brain1", "brain2", "breast1", "lung1crop"}
     for row in rows:
         voxels, mm3, diameter = int(row["num_voxels"]), float(row["volume_mm3"]), float(row["equivalent_diameter_mm"])
         assert voxels > 0 and mm3 == pytest.approx(voxels * 1.5**3, rel=1e-3)  # the model file's 1.5 mm grid
@@ -80,7 +80,7 @@ def test_cli_evaluates_a_folder_of_real_nrrd_pairs(tmp_path, real_data_dir):
     assert [(r["case"], r["lesion"]) for r in per_lesion] == [(r["case"], int(r["lesion"])) for r in rows]
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["num_cases"] == 3 and summary["num_lesions"] == len(rows)
+    assert summary["num_cases"] == 4 and summary["num_lesions"] == len(rows)
     assert summary["crop_size"] == 64 and summary["spacing"] == 1.5  # the network and preprocessing of the file
     bins = {r["size_bin"] for r in rows}
     assert bins <= set(summary["metrics"]) and summary["metrics"]["overall"]["dice@1"]["n"] == len(rows)

@@ -95,6 +95,15 @@ def test_same_seed_same_bytes_different_seed_differs(tmp_path):
     assert not np.array_equal(img1, img2) and not np.array_equal(lab1, lab2) and not np.allclose(aff1, aff2)
 
 
+def test_parallel_workers_write_the_same_bytes(tmp_path):
+    kw = dict(num_train=2, num_val=1, num_test=1, seed=3, shape=SMALL_SHAPE)
+    one = sd.generate_dataset(tmp_path / "one", workers=1, **kw).parent
+    two = sd.generate_dataset(tmp_path / "two", workers=2, **kw).parent
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert len(files) == 9 and files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
+    assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files)  # dataset.json included
+
+
 def test_idempotent_and_regenerates_incomplete(tmp_path):
     kw = dict(num_train=1, num_val=0, num_test=0, seed=1, shape=SMALL_SHAPE)
     path = sd.generate_dataset(tmp_path, **kw)

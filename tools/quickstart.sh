@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install, then fine-tune SGP-SAM (tiny CPU preset) from the shipped tiny pretrained checkpoint on the embedded
+# Install, then fine-tune SGP-SAM (tiny CPU preset) from the shipped default model on the embedded
 # synthetic lesion dataset (generated on first use), then evaluate the held-out test split with the interactive
 # click protocol (Dice after 1/3/5/10 clicks, NoC). Extra arguments override the config of both steps, e.g.
 # --max_epochs 5, --device cuda:0, or --pretrained_ckpt null --max_epochs 20 to train from scratch.

@@ -57,7 +57,6 @@ __all__ = ["evaluate_dataset", "format_markdown_table", "run_evaluation"]
 logger = logging.getLogger("sgpsam.evaluate")
 
 
-
 def _as_datalist(datalist: Any, split: str) -> list[dict]:
     """A list of {"image", "label"} dicts, from a list, an MSD dataset.json path, or a dict of split lists."""
     if isinstance(datalist, (str, os.PathLike)):
