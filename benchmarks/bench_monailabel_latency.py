@@ -59,8 +59,7 @@ def chest_ct_512(folder: Path) -> tuple[Path, list[int]]:
     big = sitk.GetImageFromArray(np.pad(array, pads, mode="symmetric"))
     big.SetSpacing(crop.GetSpacing())
     big.SetDirection(crop.GetDirection())
-    shift = [p[0] * sp for p, sp in zip(pads[::-1], crop.GetSpacing())]
-    big.SetOrigin([o - d for o, d in zip(crop.GetOrigin(), shift)])
+    big.SetOrigin(crop.TransformContinuousIndexToPhysicalPoint([-float(p[0]) for p in pads[::-1]]))
     path = folder / "ct512.nrrd"
     sitk.WriteImage(big, str(path), useCompression=True)
     click = lesion_click(DATA_DIR / "lung1crop_label.nrrd")  # (i, j, k) of the crop

@@ -56,6 +56,8 @@ from .crops import (
 )
 from .folders import folder_datalist
 
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # explicit, so Orientation gives no FutureWarning
+
 __all__ = [
     "CT_CLAMP_RANGE",
     "NORMALISATIONS",
@@ -157,13 +159,15 @@ def get_preprocess_transforms(
     anatomy_key: str | None = None,
     anatomy_labels: int | Sequence[int] | None = None,
     anatomy_from_label: bool = False,
+    resample: bool = True,
 ) -> Compose:
     """Deterministic part: load -> channel first -> channel pick -> CT clamp -> binary target -> RAS -> spacing.
 
     Output: ``image`` (1, X, Y, Z) float32 RAS at ``spacing`` mm (not normalised); ``label`` (1, X, Y, Z) float32 0/1
     where the original label is in ``target_label`` (int or list, e.g. MSD Task03 liver tumour 2, Task01 enhancing
     tumour 3; None keeps any label > 0). ``label_key=None`` builds the image-only pipeline, ``image_key=None`` the
-    label-only one; ``load=False`` expects channel-first tensors already in the dict. Good for ``CacheDataset``.
+    label-only one; ``load=False`` expects channel-first tensors already in the dict; ``resample=False`` stops
+    before RAS -> spacing (the voxel-wise part only). Good for ``CacheDataset``.
 
     ``anatomy_key`` (None = off) adds a binary organ mask under that key, same grid as the label: where the item's
     ``anatomy_key`` file is in ``anatomy_labels`` (None = any value > 0), or, with ``anatomy_from_label``, where the
@@ -202,11 +206,12 @@ def get_preprocess_transforms(
         xforms.append(AsDiscreted(anatomy_key, threshold=0.5))
         keys = keys + [anatomy_key]
     modes = ["bilinear" if k == image_key else "nearest" for k in keys]
-    xforms += [
-        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),  # explicit: no FutureWarning
-        Spacingd(keys, pixdim=(spacing,) * 3, mode=modes),
-        EnsureTyped(keys, dtype=torch.float32),
-    ]
+    if resample:
+        xforms += [
+            Orientationd(keys, axcodes="RAS", labels=RAS_LABELS),
+            Spacingd(keys, pixdim=(spacing,) * 3, mode=modes),
+        ]
+    xforms.append(EnsureTyped(keys, dtype=torch.float32))
     return Compose(xforms)
 
 

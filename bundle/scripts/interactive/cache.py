@@ -142,7 +142,7 @@ class EncoderCache:
                 raise
             raise ClickError(str(cause).strip().splitlines()[0] if str(cause).strip() else repr(cause)) from None
         self.count("image_loads", 1)
-        self._put(key, inf, _nbytes(inf.image))
+        self._put(key, inf, inf.nbytes)
         return inf
 
     def embedding(self, image_id: str, start, version: str, encode: Callable[[], torch.Tensor]) -> torch.Tensor:

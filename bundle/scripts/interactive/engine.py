@@ -8,8 +8,9 @@ Geometry (docs/conventions.md):
     file voxel (i, j, k)  --original affine-->  world mm (RAS)  --resampled affine^-1-->  RAS 1.5 mm voxel
 The image is preprocessed once with the training transforms
 (:func:`scripts.data.inference_image.preprocess_image_for_inference`), each object gets an ``S``³ crop
-(``S = network.img_size``) that is z-normalised like training, and the merged mask is resampled back (nearest) onto
-the file's grid (``windows.py``), so the result has the input file's shape and affine.
+(``S = network.img_size``, resampled from the file's grid for that window only) that is normalised like training,
+and the merged mask is resampled back (nearest) onto the file's grid within the windows' box (``windows.py``), so
+the result has the input file's shape and affine.
 
 Click rounds (how SAM-Med3D was trained): every round feeds only the NEW click(s) of an object together with that
 object's previous low-res logits as the mask prompt; round one uses an all-zero mask prompt.
@@ -59,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from monai.utils import convert_to_tensor
 
-from ..data.crops import NORMALISATIONS, centred_crop_start, crop_at, normalise_crop
+from ..data.crops import NORMALISATIONS, centred_crop_start, normalise_crop
 from ..data.inference_image import InferenceImage, file_voxel_to_resampled
 from ..training.click_rounds import decoder_clicks, initial_mask_prompt, shown_logits
 from .cache import EncoderCache
@@ -93,11 +94,14 @@ class SegmentationResult:
         affine: (4, 4) float64 affine of the file (voxel index -> world mm, RAS as MONAI reports it).
         info: per-call counters: encoder_runs, decoder_runs, cache_hits, new_clicks, undone_clicks, replayed_clicks,
             objects, windows, reset, latency_ms.
+        box: (start, part) of the mask's bounding box, zero elsewhere (None: empty mask): lets a caller write a
+            large image's mask without scanning it.
     """
 
     mask: np.ndarray
     affine: np.ndarray
     info: dict
+    box: tuple[list[int], np.ndarray] | None = None
 
 
 class InteractiveSegmenter:
@@ -240,8 +244,9 @@ class InteractiveSegmenter:
                 with self._weights.use(session.version):
                     snapshot, info = self._advance(session, inf, fg, bg)
                 if snapshot.packed is None:
-                    merged = merge_windows(snapshot.objects, self._shape(inf), self.crop_size)
-                    snapshot.packed = pack_mask(to_file_grid(merged, inf))
+                    merged = merge_windows(snapshot.objects, inf.resampled_shape, self.crop_size)
+                    start, part = to_file_grid(merged, inf)
+                    snapshot.packed = pack_mask(part, inf.original_shape, offset=start)
                 mask = unpack_mask(snapshot.packed)
             finally:
                 counts = self._counters.end()
@@ -253,7 +258,9 @@ class InteractiveSegmenter:
         info["windows"] = sum(1 + len(o.extra) for o in snapshot.objects)
         info["model_version"] = session.version
         info["latency_ms"] = (time.perf_counter() - t0) * 1000.0
-        return SegmentationResult(mask=mask, affine=np.array(inf.original_affine, dtype=np.float64), info=info)
+        affine = np.array(inf.original_affine, dtype=np.float64)
+        _, lo, part = snapshot.packed
+        return SegmentationResult(mask=mask, affine=affine, info=info, box=None if lo is None else (lo, part))
 
     def _advance(self, session: Session, inf: InferenceImage, fg: list, bg: list) -> tuple[Snapshot, dict]:
         """Restore the session's base snapshot for the sent clicks and run the clicks after it as one round."""
@@ -283,16 +290,10 @@ class InteractiveSegmenter:
     def _version(self) -> str:
         return self._weights.active[1]
 
-    @staticmethod
-    def _shape(inf: InferenceImage) -> tuple[int, int, int]:
-        return tuple(int(n) for n in inf.image.shape[1:])
-
     def _crop(self, inf: InferenceImage, start: tuple[int, int, int]) -> torch.Tensor:
         """Normalised network input (1, 1, S, S, S) of the window at ``start``."""
-        crop = convert_to_tensor(
-            normalise_crop(crop_at(inf.image, start, self.crop_size), self.normalisation), track_meta=False
-        )
-        return crop[None].to(self.device, torch.float32)
+        crop = normalise_crop(inf.crop(start, self.crop_size), self.normalisation)
+        return convert_to_tensor(crop, track_meta=False)[None].to(self.device, torch.float32)
 
     @torch.inference_mode()
     def _embedding(self, image_id: str, inf: InferenceImage, start: tuple[int, int, int]) -> torch.Tensor:
@@ -377,7 +378,7 @@ class InteractiveSegmenter:
         """Large-lesion extension windows of one object (rule 1-4 of the module docstring)."""
         if self.max_extra_windows <= 0:
             return []
-        s, shape = self.crop_size, self._shape(inf)
+        s, shape = self.crop_size, inf.resampled_shape
         volume = LogitVolume(shape, s)
         queue = deque(touching_faces(obj.start, volume.add(obj.start, obj.full), shape, s))
         seen = {tuple(obj.start)}
@@ -387,7 +388,7 @@ class InteractiveSegmenter:
             if start in seen:
                 continue
             seen.add(start)
-            prior = convert_to_tensor(crop_at(volume.logits[None], start, s), track_meta=False)[None].float()
+            prior = volume.prior(start)[None, None]
             prompt = F.interpolate(prior, size=tuple(self._net.low_res_size), mode="area")  # (1, 1, *low_res)
             inside_clicks = [c for c in obj.clicks if self._inside(c.point, start)]
             low_res = self._decode(self._embedding(image_id, inf, start), inside_clicks, start, prompt)

@@ -178,14 +178,17 @@ class SessionStore:
         return len(self._sessions)
 
 
-def pack_mask(mask: np.ndarray) -> tuple:
-    """Bounding-box crop of a binary mask (exact, small): (shape, lo, cropped)."""
+def pack_mask(mask: np.ndarray, shape: Sequence[int] | None = None, offset: Sequence[int] | None = None) -> tuple:
+    """Bounding-box crop of a binary mask (exact, small): (shape, lo, cropped). ``mask`` may be a part of a larger
+    mask of ``shape`` that starts at voxel ``offset`` there."""
+    shape = tuple(int(n) for n in (mask.shape if shape is None else shape))
     nz = np.nonzero(mask)
     if not nz[0].size:
-        return mask.shape, None, None
+        return shape, None, None
     lo = [int(a.min()) for a in nz]
     hi = [int(a.max()) + 1 for a in nz]
-    return mask.shape, lo, mask[tuple(slice(a, b) for a, b in zip(lo, hi))].copy()
+    cropped = mask[tuple(slice(a, b) for a, b in zip(lo, hi))].copy()
+    return shape, [a + int(o) for a, o in zip(lo, offset or (0, 0, 0))], cropped
 
 
 def unpack_mask(packed: tuple) -> np.ndarray:

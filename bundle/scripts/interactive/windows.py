@@ -24,6 +24,7 @@ per object and recomputed whenever the object gets new clicks:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,7 +32,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import SpatialResample
 
-from ..data.inference_image import InferenceImage
+from ..data.inference_image import InferenceImage, resampled_to_file_voxel, translation
 
 __all__ = ["LogitVolume", "inside", "merge_windows", "to_file_grid", "touching_faces", "window_region"]
 
@@ -75,51 +76,87 @@ def touching_faces(start, window_mask: torch.Tensor, shape: Sequence[int], size:
 
 
 class LogitVolume:
-    """One object's crop-resolution logits folded into the resampled volume, window by window.
+    """One object's crop-resolution logits over the resampled volume, window by window (kept per window, so a CT of
+    millions of voxels costs nothing extra).
 
     Where windows overlap, the maximum logit counts; where no window has looked yet the value is 0, the "no prior"
-    value of round one. An extension window's mask prompt is this volume cropped to the window.
+    value of round one, and outside the volume it is 0 too. An extension window's mask prompt is :meth:`prior`.
     """
 
     def __init__(self, shape: Sequence[int], size: int) -> None:
         self.shape = tuple(int(n) for n in shape)
         self.size = int(size)
-        self.logits = torch.zeros(self.shape)
-        self.covered = torch.zeros(self.shape, dtype=torch.bool)
+        self.windows: list[tuple[tuple[int, ...], torch.Tensor]] = []
 
     def add(self, start, full: torch.Tensor) -> torch.Tensor:
-        """Fold one window's (S, S, S) logits into the volume; returns its in-volume mask (S, S, S) bool."""
+        """Add one window's (S, S, S) logits; returns its in-volume mask (S, S, S) bool."""
         s = self.size
         window_mask = torch.zeros((s, s, s), dtype=torch.bool)
         region = window_region(start, s, self.shape)
         if region is not None:
-            dst, src = region
-            sub, covered = full[src].float(), self.covered[dst]
-            self.logits[dst] = torch.where(covered, torch.maximum(self.logits[dst], sub), sub)
-            self.covered[dst] = True
-            window_mask[src] = sub > 0
+            window_mask[region[1]] = full[region[1]] > 0
+            self.windows.append((tuple(int(v) for v in start), full))
         return window_mask
 
+    def prior(self, start) -> torch.Tensor:
+        """(S, S, S) float32 logits of the window at ``start``: the added windows' maximum where they overlap it."""
+        s = self.size
+        out = torch.zeros((s, s, s))
+        covered = torch.zeros((s, s, s), dtype=torch.bool)
+        for other, full in self.windows:
+            lo = [max(a, b, 0) for a, b in zip(start, other)]
+            hi = [min(a + s, b + s, n) for a, b, n in zip(start, other, self.shape)]
+            if any(h <= l for l, h in zip(lo, hi)):
+                continue
+            here = tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, start))
+            there = tuple(slice(l - b, h - b) for l, h, b in zip(lo, hi, other))
+            sub = full[there].float()
+            out[here] = torch.where(covered[here], torch.maximum(out[here], sub), sub)
+            covered[here] = True
+        return out
 
-def merge_windows(objects: Sequence, shape: Sequence[int], size: int) -> torch.Tensor:
-    """Union of every object's windows (sigmoid > 0.5 of the crop-resolution logits) in the resampled grid."""
-    shape = tuple(int(n) for n in shape)
-    vol = torch.zeros(shape, dtype=torch.bool)
+
+def merge_windows(objects: Sequence, shape: Sequence[int], size: int) -> tuple[list[int], torch.Tensor] | None:
+    """Union of every object's windows (sigmoid > 0.5 of the crop-resolution logits) in the resampled grid, held
+    only over the windows' bounding box: (box start, bool mask of the box), or None when no window is in the volume.
+    """
+    parts = []
     for obj in objects:
         for start, full in [(obj.start, obj.full), *obj.extra]:
             region = window_region(start, size, shape)
             if region is not None and full is not None:
-                dst, src = region
-                vol[dst] |= full[src] > 0
-    return vol
+                parts.append((*region, full))
+    if not parts:
+        return None
+    lo = [min(dst[a].start for dst, _, _ in parts) for a in range(3)]
+    hi = [max(dst[a].stop for dst, _, _ in parts) for a in range(3)]
+    box = torch.zeros([h - l for l, h in zip(lo, hi)], dtype=torch.bool)
+    for dst, src, full in parts:
+        box[tuple(slice(d.start - l, d.stop - l) for d, l in zip(dst, lo))] |= full[src] > 0
+    return lo, box
 
 
-def to_file_grid(vol: torch.Tensor, inf: InferenceImage) -> np.ndarray:
-    """Nearest resampling of a resampled-grid mask onto the file's grid -> uint8 (file X, Y, Z)."""
-    if not bool(vol.any()):
-        return np.zeros(inf.original_shape, dtype=np.uint8)
-    src = MetaTensor(vol[None].float(), affine=torch.as_tensor(inf.resampled_affine, dtype=torch.float64))
+def to_file_grid(merged: tuple[list[int], torch.Tensor] | None, inf: InferenceImage) -> tuple[list[int], np.ndarray]:
+    """Nearest resampling of :func:`merge_windows`' box onto the file's grid: (start in the file grid, uint8 part
+    of the file-grid mask there; zero elsewhere). Only the file voxels whose nearest resampled voxel can lie in
+    the box are computed; every other one would read zero padding, so the result equals resampling the whole
+    resampled-grid mask."""
+    empty = ([0, 0, 0], np.zeros((0, 0, 0), dtype=np.uint8))
+    if merged is None or not bool(merged[1].any()):
+        return empty
+    lo, box = merged
+    hi = [l + n for l, n in zip(lo, box.shape)]
+    corners = np.asarray(list(itertools.product(*zip([l - 1 for l in lo], hi))), dtype=np.float64)
+    pts = resampled_to_file_voxel(corners, inf.original_affine, inf.resampled_affine)  # a margin of one voxel
+    shape = np.asarray(inf.original_shape)
+    file_lo = np.clip(np.floor(pts.min(axis=0)).astype(int), 0, shape)
+    file_hi = np.clip(np.ceil(pts.max(axis=0)).astype(int) + 1, file_lo, shape)
+    if np.any(file_hi <= file_lo):
+        return empty
+    src = MetaTensor(box[None].float(), affine=torch.as_tensor(inf.resampled_affine @ translation(lo)))
     out = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)(
-        src, dst_affine=torch.as_tensor(inf.original_affine, dtype=torch.float64), spatial_size=inf.original_shape
+        src,
+        dst_affine=torch.as_tensor(inf.original_affine @ translation(file_lo)),
+        spatial_size=[int(n) for n in file_hi - file_lo],
     )
-    return (torch.as_tensor(out)[0] > 0.5).cpu().numpy().astype(np.uint8)
+    return [int(v) for v in file_lo], (torch.as_tensor(out)[0] > 0.5).cpu().numpy().astype(np.uint8)

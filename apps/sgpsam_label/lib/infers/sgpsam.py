@@ -22,9 +22,11 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, SpatialCrop
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
+from monailabel.utils.others.generic import file_ext
 from scripts.checkpoint import CheckpointError
 from scripts.interactive import ClickError, InteractiveSegmenter, parse_click_list
 
+from ..mask_file import write_mask_nrrd
 from ..model import LoadedModel, NetworkLoader
 from ..request import ClickRequest, click_request, inside_roi, parse_roi, unprocessable
 from ..settings import AppSettings
@@ -32,6 +34,7 @@ from ..settings import AppSettings
 logger = logging.getLogger(__name__)
 
 MAX_ROI_MEMORY = 1024  # (session -> last ROI) entries remembered to spot an ROI change
+BOX_KEY = "sgpsam_mask_box"  # run_inferer -> writer: (box,), box = (start, part) of the mask or None when empty
 
 
 def one_line(err: BaseException) -> str:
@@ -132,6 +135,12 @@ class SGPSAMInfer(BasicInferTask):
         return result_file, result
 
     def writer(self, data: Dict[str, Any], extension=None, dtype=None):
+        box = data.pop(BOX_KEY, None)
+        ext = data.get("result_extension") or file_ext(data.get("image_path") or "")
+        if ext == ".nrrd" and box is not None:
+            label = data[self.output_label_key]
+            path = write_mask_nrrd(label.shape, box[0], np.asarray(label.affine, dtype=np.float64))
+            return path, data[self.output_json_key]
         data["result_write_to_file"] = True
         return super().writer(data, extension=data.get("result_extension"), dtype="uint8")
 
@@ -211,18 +220,19 @@ class SGPSAMInfer(BasicInferTask):
         cache_key = f"{image}@{os.stat(image).st_mtime_ns}"  # new content under the same name = new cache entry
         try:
             if not fg and not bg:
-                mask, affine, info = self._empty(req, cache_key, image)
+                mask, affine, info, box = self._empty(req, cache_key, image)
             elif roi is None:
                 result = self._engine.segment(cache_key, image, fg, bg, session_key=req.session_key, reset=reset)
-                mask, affine, info = result.mask, result.affine, result.info
+                mask, affine, info, box = result.mask, result.affine, result.info, result.box
             else:
-                mask, affine, info = self._segment_roi(req, cache_key, image, roi, fg, bg, reset)
+                mask, affine, info, box = self._segment_roi(req, cache_key, image, roi, fg, bg, reset)
         except (ClickError, ValueError) as err:
             raise unprocessable(one_line(err)) from None
         except FileNotFoundError as err:
             raise HTTPException(status_code=404, detail=one_line(err)) from None
 
         data["result_extension"] = req.extension
+        data[BOX_KEY] = (box,)  # the mask's bounding box, for a fast writer
         tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))
         data[self.output_label_key] = MetaTensor(tensor, affine=torch.as_tensor(affine, dtype=torch.float64))
         data[self.output_json_key] = {
@@ -241,17 +251,18 @@ class SGPSAMInfer(BasicInferTask):
         self._engine.clear_session(req.session_key)
         shape, affine = self._engine.image_geometry(cache_key, image)
         info = {"new_clicks": 0, "objects": 0, "windows": 0, "reset": True, "empty": True}
-        return np.zeros(shape, dtype=np.uint8), affine, info
+        return np.zeros(shape, dtype=np.uint8), affine, info, None
 
     def _segment_roi(self, req: ClickRequest, cache_key: str, image: str, roi, fg, bg, reset: bool):
         """Segment the ROI's part of the image as an image of its own, then put the mask back in the full grid."""
-        box = "_".join(f"{lo}-{hi}" for lo, hi in roi)
+        tag = "_".join(f"{lo}-{hi}" for lo, hi in roi)
         sub = self._engine.segment(
-            f"{cache_key}#roi{box}", roi_loader(image, roi), fg, bg, session_key=req.session_key, reset=reset
+            f"{cache_key}#roi{tag}", roi_loader(image, roi), fg, bg, session_key=req.session_key, reset=reset
         )
         shape = file_shape(image)
         mask = np.zeros(shape, dtype=np.uint8)
         mask[tuple(slice(lo, hi + 1) for lo, hi in roi)] = sub.mask
         to_corner = np.eye(4)
         to_corner[:3, 3] = [-lo for lo, _ in roi]
-        return mask, np.asarray(sub.affine, dtype=np.float64) @ to_corner, sub.info
+        box = None if sub.box is None else ([a + lo for a, (lo, _) in zip(sub.box[0], roi)], sub.box[1])
+        return mask, np.asarray(sub.affine, dtype=np.float64) @ to_corner, sub.info, box
