@@ -79,23 +79,9 @@ def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> list[float
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="sam_med3d")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--clicks", type=int, default=20)
-    parser.add_argument("--amp", action="store_true", help="autocast (bf16 on CUDA)")
-    parser.add_argument("--skip_naive", action="store_true")
-    args = parser.parse_args()
-
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = build_sgp_sam(args.preset, sgpm=True).to(device).eval()
-    size = model.img_size
-    image = torch.randn(1, 1, size, size, size, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
-    rows: list[tuple[str, str]] = []
+def encoder_rows(model, image, device, autocast, args) -> list[tuple[str, str]]:
+    """Encoder pass fast vs naive (side by side), peak memory, SGPM gates closed vs open."""
+    rows = []
 
     def encode():
         with torch.inference_mode(), autocast:
@@ -126,13 +112,16 @@ def main() -> None:
     sgpm_params = sum(p.numel() for p in model.sgpm.parameters())
     encoder_params = sum(p.numel() for p in model.image_encoder.parameters())
     rows.append(("SGPM parameters (% of encoder)", f"{sgpm_params:,} ({100 * sgpm_params / encoder_params:.1f}%)"))
+    return rows
 
-    embedding = encode()
-    prev = torch.zeros(1, 1, *model.low_res_size, device=device)
+
+def decoder_rows(model, embedding, device, autocast, args) -> tuple[list, list[torch.Tensor]]:
+    """Decoder per click on a cached embedding (incl. upsampling) and its peak memory; also returns the clicks."""
+    size = model.img_size
     gen = torch.Generator().manual_seed(1)
     clicks = [torch.randint(0, size, (1, 1, 3), generator=gen).float().to(device) for _ in range(args.clicks)]
     labels = torch.ones(1, 1, dtype=torch.long, device=device)
-    state = {"i": 0, "prev": prev}
+    state = {"i": 0, "prev": torch.zeros(1, 1, *model.low_res_size, device=device)}
 
     def decode_click():
         with torch.inference_mode(), autocast:
@@ -143,21 +132,27 @@ def main() -> None:
 
     with PeakMemory(device) as mem_dec:
         per_click = timed(decode_click, device, args.clicks, warmup=2)
-    rows.append(("decoder per click, cached embedding, incl. upsample (ms, median)", f"{1e3 * statistics.median(per_click):.1f}"))
+    name = "decoder per click, cached embedding, incl. upsample (ms, median)"
+    rows = [(name, f"{1e3 * statistics.median(per_click):.1f}")]
     rows.append(("decoder peak memory (MiB)", f"{mem_dec.peak_mib:.0f}"))
+    return rows, clicks
 
-    # click consistency (default on) runs after each round on the crop-resolution logits: a lesion-like mask (a
-    # ball of radius 10 voxels plus a second blob) and every click so far
+
+def consistency_row(size: int, clicks: list[torch.Tensor], device, repeats: int) -> tuple[str, str]:
+    """Click consistency (default on) per round on a lesion-like mask (a ball of radius 10 voxels plus a second
+    blob) with every click so far."""
     grid = torch.stack(torch.meshgrid(*[torch.arange(size, dtype=torch.float32)] * 3, indexing="ij"))
     ball = lambda centre, r: r - ((grid - centre) ** 2).sum(0).sqrt()  # noqa: E731
     lesion_logits = torch.maximum(ball(size / 2, 10.0), ball(size / 5, 4.0))[None, None].to(device)
     all_clicks = torch.cat([torch.full((1, 1, 3), size / 2.0, device=device), *clicks], 1)
     all_labels = torch.zeros(1, all_clicks.shape[1], dtype=torch.long, device=device)
     all_labels[0, 0] = 1
-    per_round = timed(lambda: click_consistent_logits(lesion_logits, all_clicks, all_labels), device, args.clicks)
+    per_round = timed(lambda: click_consistent_logits(lesion_logits, all_clicks, all_labels), device, repeats)
     name = f"click consistency per round, {all_clicks.shape[1]} clicks (ms, median)"
-    rows.append((name, f"{1e3 * statistics.median(per_round):.1f}"))
+    return name, f"{1e3 * statistics.median(per_round):.1f}"
 
+
+def tiny_step_row(device) -> tuple[str, str]:
     tiny = build_sgp_sam("tiny", sgpm=True).to(device).train()
     x = torch.randn(2, 1, 64, 64, 64, device=device)
     pts = torch.randint(0, 64, (2, 1, 3), device=device).float()
@@ -167,11 +162,35 @@ def main() -> None:
         tiny.zero_grad(set_to_none=True)
         tiny(x, pts, lab).float().square().mean().backward()
 
-    rows.append(("tiny preset forward+backward, batch 2, 64^3 (s, median)", f"{statistics.median(timed(tiny_step, device, 5)):.3f}"))
+    median = statistics.median(timed(tiny_step, device, 5))
+    return "tiny preset forward+backward, batch 2, 64^3 (s, median)", f"{median:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="sam_med3d")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clicks", type=int, default=20)
+    parser.add_argument("--amp", action="store_true", help="autocast (bf16 on CUDA)")
+    parser.add_argument("--skip_naive", action="store_true")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_sgp_sam(args.preset, sgpm=True).to(device).eval()
+    image = torch.randn(1, 1, model.img_size, model.img_size, model.img_size, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
+    rows = encoder_rows(model, image, device, autocast, args)
+    with torch.inference_mode(), autocast:
+        embedding = model.encode(image)
+    decoder, clicks = decoder_rows(model, embedding, device, autocast, args)
+    rows += decoder + [consistency_row(model.img_size, clicks, device, args.clicks), tiny_step_row(device)]
 
     print(f"# SGP-SAM network benchmark: preset {args.preset}, device {device}, amp {args.amp}")
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}" + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    cpu = platform.processor() or platform.machine()
+    print(f"# machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}{gpu}")
     print("| measurement | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")

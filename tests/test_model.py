@@ -289,6 +289,21 @@ def test_gate_open_mode_ignores_gate():
         build_sgp_sam("tiny", gate_mode="sometimes")
 
 
+def test_gate_closed_mode_is_the_backbone_alone_in_training_too():
+    torch.manual_seed(10)
+    model = build_sgp_sam("tiny", sgpm=True, gate_mode="closed")
+    for stage in model.sgpm.stages.values():
+        torch.nn.init.normal_(stage.fusion.out_proj.weight, std=0.2)  # a trained, non-zero fusion block
+    backbone = build_sgp_sam("tiny", sgpm=False)
+    backbone.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("sgpm.")})
+    images = torch.randn(2, 1, 64, 64, 64)
+    for mode in ("train", "eval"):
+        getattr(model, mode)(), getattr(backbone, mode)()
+        with torch.no_grad():
+            assert torch.equal(model.encode(images), backbone.encode(images))
+        assert all(stage.fusion_calls == 0 for stage in model.sgpm.stages.values())
+
+
 def test_encode_once_decode_matches_forward_and_shares_embedding():
     torch.manual_seed(9)
     model = build_sgp_sam("tiny").eval()

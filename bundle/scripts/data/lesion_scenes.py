@@ -44,7 +44,7 @@ from scipy import ndimage
 from . import scene_anatomy as A
 from .scene_anatomy import BUILDERS, WorkGrid, smooth_noise
 from .scene_lesions import ct_look, lesion_diameters, place_lesions, random_look
-from .synthetic_data import dataset_meta, remove_unlisted, run_jobs, write_json_atomically, write_nifti
+from .synthetic_data import dataset_meta, plan_cases, remove_unlisted, run_jobs, write_json_atomically, write_nifti
 
 __all__ = ["SCENE_WEIGHTS", "generate_scene", "generate_scenes_dataset", "ensure_scenes_dataset", "VERSION"]
 
@@ -281,17 +281,10 @@ def generate_scenes_dataset(
         json_path.unlink()
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    splits: dict[str, list] = {"training": [], "validation": [], "test": []}
-    jobs = []
-    for idx in range(num_train + num_val + num_test):
-        split = "training" if idx < num_train else "validation" if idx < num_train + num_val else "test"
-        suffix = "Ts" if split == "test" else "Tr"
-        name = f"{CASE_PREFIX}{idx:03d}"
-        item = {"image": f"images{suffix}/{name}.nii.gz", "label": f"labels{suffix}/{name}.nii.gz"}
-        splits[split].append(item)
-        jobs.append((root, seed, idx, case_kind(seed, idx, weights), item))
+    splits, planned = plan_cases(num_train, num_val, num_test, CASE_PREFIX)
+    jobs = [(root, seed, idx, case_kind(seed, idx, weights), item) for idx, _, item in planned]
     infos = run_jobs(_write_scene, jobs, workers)
-    cases: dict[str, Any] = {f"{CASE_PREFIX}{job[2]:03d}": info for job, info in zip(jobs, infos)}
+    cases: dict[str, Any] = {name: info for (_, name, _), info in zip(planned, infos)}
     listed = {item[key] for items in splits.values() for item in items for key in ("image", "label")}
     # drop cases of an earlier, larger run
     remove_unlisted(root, ("imagesTr", "labelsTr", "imagesTs", "labelsTs"), CASE_PREFIX, listed)

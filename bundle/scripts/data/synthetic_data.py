@@ -46,6 +46,7 @@ from .synthetic_case import (
 )
 
 __all__ = [
+    "plan_cases",
     "generate_dataset",
     "ensure_dataset",
     "generate_case",
@@ -87,6 +88,22 @@ def run_jobs(function: Callable, jobs: Sequence[tuple], workers: int = 1) -> lis
         return [function(*job) for job in jobs]
     with ProcessPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         return list(pool.map(function, *zip(*jobs), chunksize=1))
+
+
+def plan_cases(num_train: int, num_val: int, num_test: int, prefix: str, organ_masks: bool = False):
+    """The MSD-style split lists and, per case in index order, ``(index, name, item)`` with its file paths."""
+    splits: dict[str, list] = {"training": [], "validation": [], "test": []}
+    planned = []
+    for idx in range(num_train + num_val + num_test):
+        split = "training" if idx < num_train else "validation" if idx < num_train + num_val else "test"
+        suffix = "Ts" if split == "test" else "Tr"
+        name = f"{prefix}{idx:03d}"
+        item = {"image": f"images{suffix}/{name}.nii.gz", "label": f"labels{suffix}/{name}.nii.gz"}
+        if organ_masks:
+            item["organ"] = f"organs{suffix}/{name}.nii.gz"
+        splits[split].append(item)
+        planned.append((idx, name, item))
+    return splits, planned
 
 
 def dataset_meta(
@@ -200,19 +217,9 @@ def generate_dataset(
     organ_folders = ("organsTr", "organsTs")
     for sub in folders + (organ_folders if organ_masks else ()):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    splits = {"training": [], "validation": [], "test": []}
-    jobs = []
-    for idx in range(num_train + num_val + num_test):
-        split = "training" if idx < num_train else "validation" if idx < num_train + num_val else "test"
-        suffix = "Ts" if split == "test" else "Tr"
-        name = f"{CASE_PREFIX}{idx:03d}"
-        item = {"image": f"images{suffix}/{name}.nii.gz", "label": f"labels{suffix}/{name}.nii.gz"}
-        if organ_masks:
-            item["organ"] = f"organs{suffix}/{name}.nii.gz"
-        splits[split].append(item)
-        jobs.append((root, seed, idx, shape, item))
-    infos = run_jobs(_write_case, jobs, workers)
-    cases: dict[str, Any] = {f"{CASE_PREFIX}{job[2]:03d}": info for job, info in zip(jobs, infos)}
+    splits, planned = plan_cases(num_train, num_val, num_test, CASE_PREFIX, organ_masks)
+    infos = run_jobs(_write_case, [(root, seed, idx, shape, item) for idx, _, item in planned], workers)
+    cases: dict[str, Any] = {name: info for (_, name, _), info in zip(planned, infos)}
 
     # Drop stale cases of an earlier, larger run so the folders match dataset.json.
     listed = {path for items in splits.values() for item in items for key, path in item.items()}

@@ -92,7 +92,7 @@ class SGPMConfig:
     """The Self-Gated Prompting Module (docs/method.md, "SGPM").
 
     Args:
-        gate_mode: "learned" or "open" (ablation: always fuse, no gate).
+        gate_mode: "learned", "open" (ablation: always fuse, no gate) or "closed" (ablation: SGPM off).
         gate_threshold: hard-gate threshold at inference.
         fuse_depths: {stage block: earlier blocks to fuse}; default: one quarter of the depth earlier. The stage
             blocks themselves are a preset size (``sgpm_stages``).

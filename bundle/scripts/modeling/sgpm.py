@@ -22,6 +22,8 @@ from torch import nn
 
 from .common import LayerNorm3d
 
+GATE_MODES = ("learned", "open", "closed")
+
 
 class MultiChannelGate(nn.Module):
     """Pooled token statistics -> per-channel gate (B, C) and fusion decision probability (B,)."""
@@ -99,6 +101,9 @@ class SGPMStage(nn.Module):
     def forward(
         self, x: torch.Tensor, features: dict[int, torch.Tensor], gate_mode: str, hard: bool, threshold: float
     ) -> torch.Tensor:
+        if gate_mode == "closed":
+            self.last_decision_prob = x.new_zeros(x.shape[0])
+            return x  # SGPM off: the backbone alone (ablation)
         earlier = [features[d] for d in self.fuse_depths]
         if gate_mode == "open":
             self.fusion_calls += x.shape[0]
@@ -127,7 +132,8 @@ class SelfGatedPromptingModule(nn.Module):
         dim: encoder embed dim.
         stage_blocks: encoder block indices after which a stage runs.
         fuse_depths: for each stage block, the earlier block indices whose outputs it fuses.
-        gate_mode: "learned" (soft in training, hard skip below ``threshold`` in eval) or "open" (always fuse).
+        gate_mode: "learned" (soft in training, hard skip below ``threshold`` in eval), "open" (always fuse) or
+            "closed" (never fuse: SGPM off, for ablations).
         threshold: hard-gate threshold on the decision probability at inference.
     """
 
@@ -142,8 +148,8 @@ class SelfGatedPromptingModule(nn.Module):
         fusion_reduction: int = 4,
     ) -> None:
         super().__init__()
-        if gate_mode not in ("learned", "open"):
-            raise ValueError(f"gate_mode must be 'learned' or 'open', got {gate_mode!r}")
+        if gate_mode not in GATE_MODES:
+            raise ValueError(f"gate_mode must be one of {GATE_MODES}, got {gate_mode!r}")
         for block in stage_blocks:
             bad = [d for d in fuse_depths.get(block, ()) if d >= block]
             if bad:
