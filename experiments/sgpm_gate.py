@@ -4,7 +4,8 @@ For every lesion of every image/label pair in the given folders (``scripts.data.
 network encodes the lesion-centred crop the evaluation protocol uses, plus ``--background`` random crops of the same
 case that hold no lesion voxel. The SGPM is in eval mode, so each stage either runs its fusion block (decision
 probability at or above the threshold) or skips it. Printed per stage: how often it fused, and the mean decision
-probability, for lesion crops and background crops.
+probability, for lesion crops by lesion size and for background crops; and the share of the encoder's time the
+fusion blocks take (timed here, gates forced open against SGPM off), so the compute a skip saves.
 
     python experiments/sgpm_gate.py --dataset_dir tests/data            # the shipped default model
     python experiments/sgpm_gate.py --dataset_dir CASES --model bundle/models/model.pt --background 4
@@ -13,7 +14,9 @@ probability, for lesion crops and background crops.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 
+from scripts.clicks import SIZE_BINS, lesion_size_bin  # noqa: E402
 from scripts.data.crops import crop_at, lesion_crops, normalise_crop  # noqa: E402
 from scripts.data.folders import folder_datalist  # noqa: E402
 from scripts.data.transforms import get_preprocess_transforms  # noqa: E402
@@ -36,6 +40,24 @@ def stage_decisions(network, crop: torch.Tensor) -> dict[str, tuple[bool, float]
         name: (stage.fusion_calls > 0, float(stage.last_decision_prob[0]))
         for name, stage in network.sgpm.stages.items()
     }
+
+
+def fusion_share(network, size: int, repeats: int = 5) -> float:
+    """Share of an encoder pass that the fusion blocks take: (gates open - SGPM off) / gates open, median times."""
+    image = torch.randn(1, 1, size, size, size)
+    times = {}
+    for mode in ("open", "closed"):
+        variant = copy.deepcopy(network)
+        variant.sgpm.gate_mode = mode
+        with torch.no_grad():
+            variant.encode(image)
+            runs = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                variant.encode(image)
+                runs.append(time.perf_counter() - start)
+        times[mode] = float(np.median(runs))
+    return max(0.0, (times["open"] - times["closed"]) / times["open"])
 
 
 def background_starts(label: torch.Tensor, size: int, count: int, rng: np.random.Generator) -> list[list[int]]:
@@ -69,20 +91,23 @@ def main(argv=None) -> None:
         for item in folder_datalist(folder):
             data = transform({"image": item["image"], "label": item["label"]})
             image, label = data["image"], data["label"]
-            for _, _, _, crop, _ in lesion_crops(image, label, prep.roi_size, 3, prep.normalisation):
-                rows.append(("lesion", item["case"], stage_decisions(network, crop)))
+            for _, voxels, _, crop, _ in lesion_crops(image, label, prep.roi_size, 3, prep.normalisation):
+                kind = f"lesion {lesion_size_bin(voxels, prep.spacing)}"
+                rows.append((kind, item["case"], stage_decisions(network, crop)))
             for start in background_starts(label, prep.roi_size, args.background, rng):
                 crop = normalise_crop(crop_at(image, start, prep.roi_size), prep.normalisation)
                 rows.append(("background", item["case"], stage_decisions(network, torch.as_tensor(crop))))
+    share = fusion_share(network, prep.roi_size)
     print(f"model {model.path}: {len(rows)} crops, threshold {network.sgpm.threshold}")
-    for kind in ("lesion", "background"):
+    print(f"fusion blocks: {100 * share:.1f} % of an encoder pass with every gate open (a skip saves its stage's part)")
+    for kind in [f"lesion {b}" for b in SIZE_BINS] + ["background"]:
         chosen = [r[2] for r in rows if r[0] == kind]
         for stage in network.sgpm.stages:
             fused = [d[stage][0] for d in chosen]
             probs = [d[stage][1] for d in chosen]
             if chosen:
                 print(
-                    f"{kind:>10} crops (n={len(chosen):>3}) stage after block {stage}: fused {np.mean(fused):6.1%}, "
+                    f"{kind:>16} crops (n={len(chosen):>3}) stage after block {stage}: fused {np.mean(fused):6.1%}, "
                     f"skipped {1 - np.mean(fused):6.1%}, mean decision probability {np.mean(probs):.3f}"
                 )
 

@@ -248,3 +248,29 @@ def test_build_loss():
     assert torch.isfinite(dc(logits, target))  # bool targets accepted
     with pytest.raises(ValueError):
         build_loss("nope")
+
+
+@pytest.mark.parametrize("gate_cost", [0.0, 5.0])
+def test_gate_cost_closes_the_sgpm_gate_only_when_it_is_priced(gate_cost):
+    from scripts.modeling import build_sgp_sam
+    from scripts.training.engines import ClickTrainingStep
+
+    torch.manual_seed(0)
+    network = build_sgp_sam("tiny", sgpm=True).train()
+    step = ClickTrainingStep(network, ZoomLoss(), num_rounds=1, gate_cost=gate_cost)
+    optimizer = torch.optim.SGD(network.sgpm.parameters(), lr=1.0)
+    images = torch.randn(1, 1, 64, 64, 64)
+    targets = torch.zeros(1, 1, 64, 64, 64)
+    targets[..., 28:36, 28:36, 28:36] = 1
+    opened = []
+    for _ in range(4):
+        optimizer.zero_grad()
+        loss, _ = step(images, targets)
+        loss.backward()
+        optimizer.step()
+        opened.append(step.last_extra_losses["gate_open"])
+    assert opened[0] == pytest.approx(0.88, abs=1e-3)  # the gate's initial decision probability, reported
+    if gate_cost:
+        assert opened[-1] < opened[0] - 0.05  # priced compute: the gate closes
+    else:
+        assert opened[-1] == pytest.approx(opened[0], abs=0.01)  # only the (small, new) fusion output moves it

@@ -8,6 +8,10 @@ Extra losses: a network extension (``network.extensions``, e.g. a baseline's pro
 training objective. Any extension with a ``training_losses(targets, batch)`` method returns ``(name, weight,
 value)`` terms about its last ``encode``; the step adds ``weight * value`` to the click-round loss and the trainer
 reports each value under ``name``. ``batch`` holds the batch entries the extensions list in ``batch_keys``.
+
+Gate cost: with a learned SGPM gate, the step reports the mean decision probability (``gate_open``: the share of
+fusion-block compute the soft gate spends) and, with ``gate_cost`` > 0, adds ``gate_cost`` times it to the loss, so
+the gate runs the fusion only where it lowers the segmentation loss by more than it costs (docs/method.md).
 """
 
 from __future__ import annotations
@@ -43,6 +47,15 @@ def extension_batch_keys(network: nn.Module) -> set[str]:
     return {key for extension in extensions.values() for key in getattr(extension, "batch_keys", ())}
 
 
+def gate_probabilities(network: nn.Module) -> torch.Tensor | None:
+    """(B, stages) decision probabilities of a learned SGPM gate in the last ``encode``; None without one."""
+    network = getattr(network, "module", network)
+    sgpm = getattr(network, "sgpm", None)
+    if sgpm is None or sgpm.gate_mode != "learned":
+        return None
+    return sgpm.decision_probs()
+
+
 def extension_losses(network: nn.Module, targets: torch.Tensor, batch: dict) -> list[tuple[str, float, torch.Tensor]]:
     """The ``(name, weight, value)`` training terms of the network's extensions (module docstring)."""
     network = getattr(network, "module", network)
@@ -61,11 +74,14 @@ class ClickTrainingStep(nn.Module):
     the network is called many times per step.
     """
 
-    def __init__(self, network: nn.Module, loss_function: Callable, num_rounds: int = 11, seed: int = 0):
+    def __init__(
+        self, network: nn.Module, loss_function: Callable, num_rounds: int = 11, seed: int = 0, gate_cost: float = 0.0
+    ):
         super().__init__()
         self.network = network
         self.loss_function = loss_function
         self.num_rounds = num_rounds
+        self.gate_cost = float(gate_cost)
         self.rng = random.Random(seed)
         self.last_extra_losses: dict[str, float] = {}
 
@@ -85,6 +101,11 @@ class ClickTrainingStep(nn.Module):
             self.last_extra_losses[name] = float(value.detach())
             if weight:
                 loss = loss + weight * value
+        probs = gate_probabilities(self.network)
+        if probs is not None:
+            self.last_extra_losses["gate_open"] = float(probs.mean().detach())
+            if self.gate_cost:
+                loss = loss + self.gate_cost * probs.mean()
         return loss, logits
 
 
@@ -97,6 +118,7 @@ class InteractiveTrainer(SupervisedTrainer):
         training_step: optional pre-built (e.g. DDP-wrapped) ``ClickTrainingStep``; built from ``network`` if None.
         seed: seed of the click draws' round schedule.
         anatomy_key: batch entry holding the organ masks passed to ``encode(..., anatomy=...)``; None = off.
+        gate_cost: weight of the SGPM gate's compute cost in the loss (module docstring); 0 = off.
     """
 
     def __init__(
@@ -107,10 +129,13 @@ class InteractiveTrainer(SupervisedTrainer):
         training_step: nn.Module | None = None,
         seed: int = 0,
         anatomy_key: str | None = None,
+        gate_cost: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.training_step = training_step or ClickTrainingStep(self.network, self.loss_function, num_rounds, seed)
+        self.training_step = training_step or ClickTrainingStep(
+            self.network, self.loss_function, num_rounds, seed, gate_cost
+        )
         self.grad_clip_norm = grad_clip_norm
         self.anatomy_key = anatomy_key
 
