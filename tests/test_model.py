@@ -7,6 +7,7 @@ import torch
 from conftest import REFERENCE_DIR
 
 from scripts.clicks import dice
+from scripts.export import traceable_gates
 from scripts.training.losses import build_loss
 from scripts.modeling import build_sgp_sam
 from scripts.modeling.attention import Attention3D, add_upstream_bias, upstream_bias_terms
@@ -302,6 +303,8 @@ def test_gate_closed_mode_is_the_backbone_alone_in_training_too():
         with torch.no_grad():
             assert torch.equal(model.encode(images), backbone.encode(images))
         assert all(stage.fusion_calls == 0 for stage in model.sgpm.stages.values())
+    with torch.no_grad(), traceable_gates(model):  # the branch-free stages that torch.export traces
+        assert torch.equal(model.encode(images), backbone.encode(images))
 
 
 def test_encode_once_decode_matches_forward_and_shares_embedding():

@@ -70,6 +70,8 @@ def _masked_stage_forward(
     self: SGPMStage, x: torch.Tensor, features: dict[int, torch.Tensor], gate_mode: str, hard: bool, threshold: float
 ) -> torch.Tensor:
     """``SGPMStage.forward`` without data-dependent branches (no counters, no stored decision)."""
+    if gate_mode == "closed":
+        return x  # SGPM off: a fixed choice of the model, not a data-dependent branch
     earlier = [features[d] for d in self.fuse_depths]
     if gate_mode == "open":
         return x + self.fusion(x, earlier)

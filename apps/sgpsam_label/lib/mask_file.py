@@ -36,8 +36,14 @@ def write_mask_nrrd(
         "kinds": ["domain"] * 3,
         "encoding": "gzip",
     }
-    if path is None:
+    temporary = path is None
+    if temporary:
         handle, path = tempfile.mkstemp(suffix=".nrrd")
         os.close(handle)
-    nrrd.write(path, zyx, header, compression_level=1, index_order="C")
+    try:
+        nrrd.write(path, zyx, header, compression_level=1, index_order="C")
+    except BaseException:
+        if temporary:
+            os.remove(path)
+        raise
     return path

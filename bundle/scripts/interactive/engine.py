@@ -247,7 +247,8 @@ class InteractiveSegmenter:
                     merged = merge_windows(snapshot.objects, inf.resampled_shape, self.crop_size)
                     start, part = to_file_grid(merged, inf)
                     snapshot.packed = pack_mask(part, inf.original_shape, offset=start)
-                mask = unpack_mask(snapshot.packed)
+                packed = snapshot.packed  # a later call may drop the snapshot's copy once the lock is released
+                mask = unpack_mask(packed)
             finally:
                 counts = self._counters.end()
             with self._lock:
@@ -259,7 +260,7 @@ class InteractiveSegmenter:
         info["model_version"] = session.version
         info["latency_ms"] = (time.perf_counter() - t0) * 1000.0
         affine = np.array(inf.original_affine, dtype=np.float64)
-        _, lo, part = snapshot.packed
+        _, lo, part = packed
         return SegmentationResult(mask=mask, affine=affine, info=info, box=None if lo is None else (lo, part))
 
     def _advance(self, session: Session, inf: InferenceImage, fg: list, bg: list) -> tuple[Snapshot, dict]:
