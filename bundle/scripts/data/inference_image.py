@@ -84,12 +84,17 @@ class InferenceImage:
         out[(slice(None), *region)] = torch.as_tensor(window, dtype=torch.float32)
         return out
 
+    def file_extent(self, first: Sequence[float], last: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+        """(min, max) file voxel coordinates of the resampled-grid box with corner voxels ``first`` and ``last``."""
+        corners = np.asarray(list(itertools.product(*zip(first, last))), dtype=np.float64)
+        pts = resampled_to_file_voxel(corners, self.original_affine, self.resampled_affine)
+        return pts.min(axis=0), pts.max(axis=0)
+
     def _source_box(self, lo: Sequence[int], hi: Sequence[int]) -> tuple[list[int], list[int]]:
         """File-grid box holding every voxel that bilinear interpolation reads for resampled voxels [lo, hi)."""
-        corners = np.asarray(list(itertools.product(*zip(lo, [h - 1 for h in hi]))), dtype=np.float64)
-        pts = file_voxel_to_resampled(corners, self.resampled_affine, self.original_affine)  # resampled -> file
-        box_lo = np.floor(pts.min(axis=0)).astype(int) - 1
-        box_hi = np.ceil(pts.max(axis=0)).astype(int) + 2
+        low, high = self.file_extent(lo, [h - 1 for h in hi])
+        box_lo = np.floor(low).astype(int) - 1
+        box_hi = np.ceil(high).astype(int) + 2
         shape = np.asarray(self.original_shape)
         box_lo = np.clip(box_lo, 0, shape - 1)  # beyond the file, border padding repeats its edge voxels
         box_hi = np.clip(box_hi, box_lo + 1, shape)

@@ -24,7 +24,6 @@ per object and recomputed whenever the object gets new clicks:
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,7 +31,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import SpatialResample
 
-from ..data.inference_image import InferenceImage, resampled_to_file_voxel, translation
+from ..data.inference_image import InferenceImage, translation
 
 __all__ = ["LogitVolume", "inside", "merge_windows", "to_file_grid", "touching_faces", "window_region"]
 
@@ -146,11 +145,10 @@ def to_file_grid(merged: tuple[list[int], torch.Tensor] | None, inf: InferenceIm
         return empty
     lo, box = merged
     hi = [l + n for l, n in zip(lo, box.shape)]
-    corners = np.asarray(list(itertools.product(*zip([l - 1 for l in lo], hi))), dtype=np.float64)
-    pts = resampled_to_file_voxel(corners, inf.original_affine, inf.resampled_affine)  # a margin of one voxel
+    low, high = inf.file_extent([l - 1 for l in lo], hi)  # a margin of one voxel
     shape = np.asarray(inf.original_shape)
-    file_lo = np.clip(np.floor(pts.min(axis=0)).astype(int), 0, shape)
-    file_hi = np.clip(np.ceil(pts.max(axis=0)).astype(int) + 1, file_lo, shape)
+    file_lo = np.clip(np.floor(low).astype(int), 0, shape)
+    file_hi = np.clip(np.ceil(high).astype(int) + 1, file_lo, shape)
     if np.any(file_hi <= file_lo):
         return empty
     src = MetaTensor(box[None].float(), affine=torch.as_tensor(inf.resampled_affine @ translation(lo)))
