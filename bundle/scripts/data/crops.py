@@ -35,6 +35,7 @@ __all__ = [
     "lesion_crops",
     "normalise_crop",
     "paste_crop",
+    "window_region",
 ]
 
 
@@ -159,6 +160,17 @@ def lesion_crops(
 
 
 _CROPPER, _PADDER = Crop(), Pad(mode="constant")
+
+
+def window_region(start: Sequence[int], size: int, shape: Sequence[int]) -> tuple[tuple, tuple] | None:
+    """(volume slices, window slices) of the part of window ``start`` (side ``size``) inside ``shape``."""
+    lo = [max(int(s), 0) for s in start]
+    hi = [min(int(s) + size, n) for s, n in zip(start, shape)]
+    if any(h <= l for l, h in zip(lo, hi)):
+        return None
+    dst = tuple(slice(l, h) for l, h in zip(lo, hi))
+    src = tuple(slice(l - int(s), h - int(s)) for l, h, s in zip(lo, hi, start))
+    return dst, src
 
 
 def crop_at(

@@ -22,6 +22,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd, SpatialResample
 
+from .crops import window_region
 from .transforms import RAS_LABELS, get_preprocess_transforms
 
 __all__ = ["InferenceImage", "file_voxel_to_resampled", "preprocess_image_for_inference", "resampled_to_file_voxel"]
@@ -68,10 +69,10 @@ class InferenceImage:
         """(1, S, S, S) float32 window of the resampled volume at voxel ``start`` (``crop_at(self.image, start, S)``
         up to float rounding), resampled from the file's grid; zero outside the resampled volume."""
         out = torch.zeros((1, size, size, size), dtype=torch.float32)
-        lo = [max(int(s), 0) for s in start]
-        hi = [min(int(s) + size, n) for s, n in zip(start, self.resampled_shape)]
-        if any(h <= l for l, h in zip(lo, hi)):
+        region = window_region(start, size, self.resampled_shape)
+        if region is None:
             return out
+        lo, hi = [d.start for d in region[0]], [d.stop for d in region[0]]
         box_lo, box_hi = self._source_box(lo, hi)
         sub = self.source[(slice(None), *(slice(a, b) for a, b in zip(box_lo, box_hi)))]
         sub = MetaTensor(sub.as_tensor(), affine=torch.as_tensor(self.original_affine @ translation(box_lo)))
@@ -80,8 +81,7 @@ class InferenceImage:
             dst_affine=torch.as_tensor(self.resampled_affine @ translation(lo)),
             spatial_size=[b - a for a, b in zip(lo, hi)],
         )
-        region = tuple(slice(a - int(s), b - int(s)) for a, b, s in zip(lo, hi, start))
-        out[(slice(None), *region)] = torch.as_tensor(window, dtype=torch.float32)
+        out[(slice(None), *region[1])] = torch.as_tensor(window, dtype=torch.float32)
         return out
 
     def file_extent(self, first: Sequence[float], last: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -31,20 +31,10 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import SpatialResample
 
+from ..data.crops import window_region
 from ..data.inference_image import InferenceImage, translation
 
 __all__ = ["LogitVolume", "inside", "merge_windows", "to_file_grid", "touching_faces", "window_region"]
-
-
-def window_region(start: Sequence[int], size: int, shape: Sequence[int]) -> tuple[tuple, tuple] | None:
-    """(volume slices, window slices) of the part of window ``start`` (side ``size``) inside ``shape``."""
-    lo = [max(int(s), 0) for s in start]
-    hi = [min(int(s) + size, n) for s, n in zip(start, shape)]
-    if any(h <= l for l, h in zip(lo, hi)):
-        return None
-    dst = tuple(slice(l, h) for l, h in zip(lo, hi))
-    src = tuple(slice(l - int(s), h - int(s)) for l, h, s in zip(lo, hi, start))
-    return dst, src
 
 
 def inside(point: Sequence[float], start: Sequence[int], size: int, margin: float = 0.0) -> bool:
