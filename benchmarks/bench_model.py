@@ -1,5 +1,6 @@
 """Benchmark the core network: encoder pass naive vs fast padded-window attention (side by side, one run),
-decoder time per click with a cached embedding, SGPM cost (gate closed vs open), tiny-preset train step, peak memory.
+decoder time per click with a cached embedding, SGPM cost (gate closed vs open), tiny-preset train step, peak memory,
+and the refiner round of the default model's 64^3 crop with and without the oneDNN route for batch-1 convolutions.
 
     python benchmarks/bench_model.py                      # CPU, sam_med3d preset
     python benchmarks/bench_model.py --device cuda --amp  # GPU (fp16/bf16 autocast)
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from scripts.clicks import click_consistent_logits  # noqa: E402
 from scripts.modeling import build_sgp_sam  # noqa: E402
+from scripts.modeling.common import Conv3d  # noqa: E402
 
 
 class PeakMemory:
@@ -152,6 +154,35 @@ def consistency_row(size: int, clicks: list[torch.Tensor], device, repeats: int)
     return name, f"{1e3 * statistics.median(per_round):.1f}"
 
 
+def refiner_rows(size: int, device, repeats: int) -> list[tuple[str, str]]:
+    """One refiner round (batch 1, the interactive call) with the oneDNN route for single-image CPU convolutions
+    and with PyTorch's default route, side by side."""
+    torch.manual_seed(2)
+    model = build_sgp_sam("tiny", sgpm=False, img_size=size, click_map=True, refiner=True).to(device).eval()
+    image = torch.randn(1, 1, size, size, size, device=device)
+    points = torch.randint(0, size, (1, 3, 3), device=device).float()
+    labels = torch.tensor([[1, 0, 1]], device=device)
+    with torch.inference_mode():
+        features = model.refine_features(image)
+        low, _ = model.decode(model.encode(image), points, labels)
+    prev = torch.randn(1, 1, size, size, size, device=device)
+
+    def refine():
+        with torch.inference_mode():
+            return model.full_res_logits(low, None, features, prev, points, labels)
+
+    rows = []
+    for onednn in (True, False):
+        Conv3d.single_image_onednn = onednn
+        try:
+            median = statistics.median(timed(refine, device, max(repeats, 5)))
+        finally:
+            Conv3d.single_image_onednn = True
+        route = "oneDNN route" if onednn else "PyTorch default route"
+        rows.append((f"refiner round, {size}^3 crop, batch 1, {route} (ms, median)", f"{1e3 * median:.1f}"))
+    return rows
+
+
 def tiny_step_row(device) -> tuple[str, str]:
     tiny = build_sgp_sam("tiny", sgpm=True).to(device).train()
     x = torch.randn(2, 1, 64, 64, 64, device=device)
@@ -186,6 +217,7 @@ def main() -> None:
         embedding = model.encode(image)
     decoder, clicks = decoder_rows(model, embedding, device, autocast, args)
     rows += decoder + [consistency_row(model.img_size, clicks, device, args.clicks), tiny_step_row(device)]
+    rows += refiner_rows(64, device, args.repeats)  # the default model's crop
 
     print(f"# SGP-SAM network benchmark: preset {args.preset}, device {device}, amp {args.amp}")
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""

@@ -11,6 +11,8 @@ from scripts.export import traceable_gates
 from scripts.training.losses import build_loss
 from scripts.modeling import build_sgp_sam
 from scripts.modeling.attention import Attention3D, add_upstream_bias, upstream_bias_terms
+from scripts.modeling.common import Conv3d
+from scripts.modeling.refine import MaskRefiner
 from scripts.training.trainable import count_parameters, optimizer_param_groups, set_trainable
 
 
@@ -517,3 +519,43 @@ def test_refiner_learns_lesions_smaller_than_a_low_res_voxel():
             upsampled_dice.append(float(dice((model.upscale_logits(low)[0] > 0).numpy(), target.numpy())))
     assert sum(refined_dice) / 8 > 0.7, refined_dice
     assert sum(upsampled_dice) / 8 < 0.2, upsampled_dice
+
+
+@pytest.mark.parametrize("kernel, stride, groups", [(3, 1, 1), (1, 1, 1), (2, 2, 1), (3, 1, 4)])
+def test_single_image_cpu_convolution_equals_default_path(kernel, stride, groups):
+    """Conv3d's oneDNN route for batch-1 CPU inference computes nn.Conv3d's result; training keeps nn.Conv3d's."""
+    torch.manual_seed(7)
+    fast = Conv3d(16, 8, kernel_size=kernel, stride=stride, padding=kernel // 2 if stride == 1 else 0, groups=groups)
+    plain = torch.nn.Conv3d(16, 8, kernel_size=kernel, stride=stride, padding=fast.padding, groups=groups)
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(1, 16, 20, 18, 16)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), plain(x), atol=1e-5, rtol=1e-5)
+    fast(x).sum().backward()  # with gradients it is the default path, so autograd works as usual
+    assert fast.weight.grad is not None and fast.weight.grad.abs().sum() > 0
+
+
+def test_refiner_single_image_path_equals_batched_path():
+    """The interactive (batch 1, CPU, no grad) refiner equals the same rows computed in a batch of two."""
+    torch.manual_seed(8)
+    model = build_sgp_sam("tiny", sgpm=False, click_map=True, refiner=True).eval()
+    for param in model.refiner.out[1].parameters():
+        torch.nn.init.normal_(param, std=0.1)  # leave the identity start, so the convolutions matter
+    images = torch.randn(2, 1, 64, 64, 64)
+    points, labels = _random_clicks(2, 3, 64, seed=9)
+    with torch.no_grad():
+        low, _ = model.decode(model.encode(images), points, labels)
+        features = model.refine_features(images)
+        batched = model.full_res_logits(low, None, features, None, points, labels)
+        single = model.full_res_logits(low[:1], None, features[:1], None, points[:1], labels[:1])
+    assert not torch.allclose(batched[:1], model.upscale_logits(low[:1]), atol=1e-3)
+    assert torch.allclose(single, batched[:1], atol=1e-4, rtol=1e-4)
+
+
+def test_refiner_local_mean_equals_average_pooling():
+    image = torch.randn(2, 1, 9, 6, 3, requires_grad=True)
+    pooled = torch.nn.functional.avg_pool3d(image, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+    separable = MaskRefiner.local_mean(image)
+    assert torch.allclose(separable, pooled, atol=1e-6)
+    separable.sum().backward()  # trains through it
+    assert image.grad is not None

@@ -22,6 +22,7 @@ from monai.networks.utils import pixelshuffle, pixelunshuffle
 from torch import nn
 
 from .click_prompt import click_heat_maps
+from .common import Conv3d
 
 # upsampled decoder probability, previous refined probability, positive and negative click maps, and the image's
 # contrast to the tissue under the positive clicks and to the tissue inside the previous mask
@@ -44,29 +45,29 @@ class MaskRefiner(nn.Module):
         self.click_sigma = float(click_sigma)
         self.in_chans = int(in_chans)
         self.image_stem = nn.Sequential(
-            nn.Conv3d(in_chans * SUBVOXELS, image_chans, kernel_size=3, padding=1),
+            Conv3d(in_chans * SUBVOXELS, image_chans, kernel_size=3, padding=1),
             nn.GELU(),
-            nn.Conv3d(image_chans, image_chans, kernel_size=3, padding=1),
+            Conv3d(image_chans, image_chans, kernel_size=3, padding=1),
             nn.GELU(),
         )
         h = hidden_chans
         self.prompt_in = nn.Sequential(
-            nn.Conv3d(in_chans * SUBVOXELS + image_chans + PROMPT_CHANS * SUBVOXELS, h, kernel_size=1),
+            Conv3d(in_chans * SUBVOXELS + image_chans + PROMPT_CHANS * SUBVOXELS, h, kernel_size=1),
             nn.GELU(),
-            nn.Conv3d(h, h, kernel_size=3, padding=1),
+            Conv3d(h, h, kernel_size=3, padding=1),
             nn.GELU(),
         )
         # context at a quarter resolution: what the lesion around the click looks like (receptive field ~ 40 voxels)
         self.context = nn.Sequential(
-            nn.Conv3d(h, 2 * h, kernel_size=2, stride=2),
+            Conv3d(h, 2 * h, kernel_size=2, stride=2),
             nn.GELU(),
-            nn.Conv3d(2 * h, 2 * h, kernel_size=3, padding=1),
+            Conv3d(2 * h, 2 * h, kernel_size=3, padding=1),
             nn.GELU(),
-            nn.Conv3d(2 * h, 2 * h, kernel_size=3, padding=1),
+            Conv3d(2 * h, 2 * h, kernel_size=3, padding=1),
             nn.GELU(),
             nn.ConvTranspose3d(2 * h, h, kernel_size=2, stride=2),
         )
-        self.out = nn.Sequential(nn.GELU(), nn.Conv3d(h, SUBVOXELS, kernel_size=3, padding=1))
+        self.out = nn.Sequential(nn.GELU(), Conv3d(h, SUBVOXELS, kernel_size=3, padding=1))
         nn.init.zeros_(self.out[1].weight)
         nn.init.zeros_(self.out[1].bias)
 
@@ -78,17 +79,35 @@ class MaskRefiner(nn.Module):
         return torch.cat([sub, self.image_stem(sub)], dim=1)
 
     @staticmethod
-    def intensity_contrast(image: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """(locally smoothed) image minus its ``weights``-weighted mean: the clicked / segmented tissue's contrast.
+    def intensity_contrast(smooth: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The locally smoothed image minus its ``weights``-weighted mean: the clicked / segmented tissue's contrast.
 
-        image (B, 1, S, S, S); weights (B, 1, S, S, S) >= 0 (the positive click map plus the previous mask). A row
-        without weight gets zeros. The network could learn this comparison itself, but only slowly; with it given,
-        "same tissue as under the click" is one convolution away.
+        smooth (B, 1, S, S, S) (``local_mean`` of the image); weights (B, 1, S, S, S) >= 0 (the positive click map
+        or the previous mask). A row without weight gets zeros. The network could learn this comparison itself,
+        but only slowly; with it given, "same tissue as under the click" is one convolution away.
         """
-        smooth = F.avg_pool3d(image, kernel_size=3, stride=1, padding=1, count_include_pad=False)
         total = weights.flatten(1).sum(1)
         reference = (smooth * weights).flatten(1).sum(1) / total.clamp_min(1e-6)
         return torch.where(total[:, None, None, None, None] > 1e-3, smooth - reference[:, None, None, None, None], 0.0)
+
+    @staticmethod
+    def local_mean(image: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S, S) mean over each voxel's 3^3 neighbourhood inside the crop.
+
+        ``avg_pool3d(kernel_size=3, stride=1, padding=1, count_include_pad=False)`` up to float rounding, computed as
+        three 1D means: the 3D box is separable, and PyTorch's CPU pooling kernel is several times slower.
+        """
+        for dim in (2, 3, 4):
+            n = image.shape[dim]
+            if n < 2:
+                continue
+            total = image.clone()
+            total.narrow(dim, 1, n - 1).add_(image.narrow(dim, 0, n - 1))
+            total.narrow(dim, 0, n - 1).add_(image.narrow(dim, 1, n - 1))
+            count = torch.full((n,), 3.0, dtype=image.dtype, device=image.device)
+            count[0] = count[-1] = 2.0
+            image = total / count.view([n if d == dim else 1 for d in range(image.dim())])
+        return image
 
     def forward(
         self,
@@ -117,7 +136,8 @@ class MaskRefiner(nn.Module):
             clicks = click_heat_maps(points, labels, size, size, self.click_sigma).to(logits.dtype)
         features = features.expand(batch, -1, -1, -1, -1).to(logits.dtype)
         image = pixelshuffle(features[:, : self.in_chans * SUBVOXELS], 3, 2)[:, :1]
-        contrast = [self.intensity_contrast(image, clicks[:, :1]), self.intensity_contrast(image, prev)]
+        smooth = self.local_mean(image)
+        contrast = [self.intensity_contrast(smooth, clicks[:, :1]), self.intensity_contrast(smooth, prev)]
         prompts = pixelunshuffle(torch.cat([torch.sigmoid(logits), prev, clicks, *contrast], dim=1), 3, 2)
         local = self.prompt_in(torch.cat([features, prompts], dim=1))
         return logits + pixelshuffle(self.out(local + self.context(local)), 3, 2)
