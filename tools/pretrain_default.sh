@@ -7,7 +7,8 @@
 # normalisation so one model takes CT and MR. Seeds are fixed; the bundle picks a GPU when one is available.
 # No real case is used: choose recipes on one group of real cases and report on another (docs/experiments.md).
 # Sizes can be set by environment: SCENES_TRAIN (default 480), SCENES_VAL (16), SYNTH_TRAIN (160), SYNTH_VAL (12);
-# WORKERS processes generate the data (default: all cores; the files do not depend on it).
+# WORKERS processes generate the data (default: all cores; the files do not depend on it). DATA_ONLY=1 stops once
+# the data and its data list are written.
 # Extra arguments override the training config, e.g. --num_workers 12 on a many-core GPU machine. The shipped file
 # came from this recipe on one H200 (0.53-0.78 s per step of 16 crops, bound by the CPU-side click simulation);
 # that run was stopped by the machine's time limit at epoch 23 and shipped its best validation checkpoint (epoch 21).
@@ -39,6 +40,7 @@ with open(target, "w") as fh:
     json.dump(mix, fh, indent=1)
 print(f"{target}: {len(mix['training'])} training, {len(mix['validation'])} validation cases")
 EOF
+[[ "${DATA_ONLY:-0}" == 1 ]] && exit 0
 python -m monai.bundle run training --config_file "['bundle/configs/train.json','configs/cpu_tiny.json']" \
     --dataset_json "$mix" --ckpt_dir "$work/models" --output_dir "$work" --max_epochs 30 --val_interval 3 \
     --batch_size 16 --iterations_per_epoch 13 --amp False --preprocessing#normalisation robust --seed 0 "$@"
