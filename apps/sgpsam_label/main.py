@@ -51,6 +51,7 @@ from monailabel.tasks.activelearning.first import First  # noqa: E402
 from monailabel.tasks.activelearning.random import Random  # noqa: E402
 from monailabel.transform.writer import write_itk  # noqa: E402
 from scripts.checkpoint import CheckpointError  # noqa: E402
+from scripts.data.inference_image import load_image  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,9 @@ def warm_up(network, device) -> None:
         network.encode(torch.zeros(1, 1, s, s, s, device=device))
     with tempfile.TemporaryDirectory() as tmp:
         for ext in (".nrrd", ".nii.gz"):
-            write_itk(np.zeros((2, 2, 2), np.uint8), os.path.join(tmp, f"warm{ext}"), np.eye(4), None, False)
+            path = os.path.join(tmp, f"warm{ext}")
+            write_itk(np.zeros((2, 2, 2), np.int16), path, np.eye(4), None, False)
+            load_image(path)  # the reader the engine uses: ITK loads its IO modules on the first read (2-5 s)
 
 
 class MyApp(MONAILabelApp):

@@ -160,6 +160,7 @@ def get_preprocess_transforms(
     anatomy_labels: int | Sequence[int] | None = None,
     anatomy_from_label: bool = False,
     resample: bool = True,
+    dtype: torch.dtype | None = torch.float32,
 ) -> Compose:
     """Deterministic part: load -> channel first -> channel pick -> CT clamp -> binary target -> RAS -> spacing.
 
@@ -167,7 +168,8 @@ def get_preprocess_transforms(
     where the original label is in ``target_label`` (int or list, e.g. MSD Task03 liver tumour 2, Task01 enhancing
     tumour 3; None keeps any label > 0). ``label_key=None`` builds the image-only pipeline, ``image_key=None`` the
     label-only one; ``load=False`` expects channel-first tensors already in the dict; ``resample=False`` stops
-    before RAS -> spacing (the voxel-wise part only). Good for ``CacheDataset``.
+    before RAS -> spacing (the voxel-wise part only), ``dtype=None`` keeps the loaded voxel type. Good for
+    ``CacheDataset``.
 
     ``anatomy_key`` (None = off) adds a binary organ mask under that key, same grid as the label: where the item's
     ``anatomy_key`` file is in ``anatomy_labels`` (None = any value > 0), or, with ``anatomy_from_label``, where the
@@ -211,7 +213,8 @@ def get_preprocess_transforms(
             Orientationd(keys, axcodes="RAS", labels=RAS_LABELS),
             Spacingd(keys, pixdim=(spacing,) * 3, mode=modes),
         ]
-    xforms.append(EnsureTyped(keys, dtype=torch.float32))
+    if dtype is not None:
+        xforms.append(EnsureTyped(keys, dtype=dtype))
     return Compose(xforms)
 
 

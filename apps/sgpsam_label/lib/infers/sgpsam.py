@@ -19,11 +19,12 @@ import SimpleITK as sitk
 import torch
 from fastapi import HTTPException
 from monai.data import MetaTensor
-from monai.transforms import LoadImage, SpatialCrop
+from monai.transforms import SpatialCrop
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import file_ext
 from scripts.checkpoint import CheckpointError
+from scripts.data.inference_image import load_image
 from scripts.interactive import ClickError, InteractiveSegmenter, parse_click_list
 
 from ..mask_file import write_mask_nrrd
@@ -57,7 +58,7 @@ def roi_loader(path: str, roi) -> Callable[[], MetaTensor]:
     """Loads the ROI's part of the image (channel first, affine moved to the ROI's corner); called on a cache miss."""
 
     def load() -> MetaTensor:
-        image = LoadImage(image_only=True, ensure_channel_first=True)(path)
+        image = load_image(path)  # the engine's reader, so ROI and whole-image calls see the same voxels
         return SpatialCrop(roi_start=[lo for lo, _ in roi], roi_end=[hi + 1 for _, hi in roi])(image)
 
     return load
