@@ -13,8 +13,11 @@ from scripts.data.transforms import get_preprocess_transforms
 AFFINE = np.array([[0.0, -0.8, 0.1, 12.0], [0.9, 0.0, 0.0, -30.0], [0.0, 0.1, 2.5, 7.0], [0, 0, 0, 1]])
 
 
-def nifti(path, array) -> str:
-    nib.save(nib.Nifti1Image(array, AFFINE), str(path))
+def nifti(path, array, slope_inter=None) -> str:
+    image = nib.Nifti1Image(array, AFFINE)
+    if slope_inter:
+        image.header.set_slope_inter(*slope_inter)
+    nib.save(image, str(path))
     return str(path)
 
 
@@ -25,10 +28,14 @@ def files(tmp_path, real_data_dir):
         "ct_nrrd_int16": (str(real_data_dir / "lung1crop_image.nrrd"), torch.int16),
         "mr_uint16": (nifti(tmp_path / "mr.nii.gz", rng.integers(0, 4000, (21, 19, 9)).astype(np.uint16)), None),
         "four_channels": (nifti(tmp_path / "mc.nii.gz", rng.normal(size=(21, 19, 9, 4)).astype(np.float32)), None),
+        "scaled_int16": (  # scl_slope / scl_inter applied by both readers: float values
+            nifti(tmp_path / "scaled.nii.gz", rng.integers(-500, 500, (12, 10, 8)).astype(np.int16), (2.0, -100.0)),
+            None,
+        ),
     }
 
 
-@pytest.mark.parametrize("name", ["ct_nrrd_int16", "mr_uint16", "four_channels"])
+@pytest.mark.parametrize("name", ["ct_nrrd_int16", "mr_uint16", "four_channels", "scaled_int16"])
 def test_load_image_reads_what_load_image_transform_reads(files, name):
     path, kept_dtype = files[name]
     expected = LoadImage(image_only=True, ensure_channel_first=True)(path)
