@@ -37,7 +37,7 @@ for path in (REPO_ROOT / "bundle", REPO_ROOT / "tests"):
 
 from app_testing import AppServer  # noqa: E402
 from scripts.clicks import SIZE_BINS, dice, lesion_size_bin, next_eval_click  # noqa: E402
-from scripts.data.folders import find_pairs  # noqa: E402
+from scripts.data.folders import IMAGE_SUFFIXES, find_pairs  # noqa: E402
 from scripts.data.inference_image import load_image  # noqa: E402
 
 
@@ -80,12 +80,9 @@ def run(args) -> dict:
         root = Path(tmp)
         studies = root / "studies"
         studies.mkdir()
-        ids = {}
-        for pair in pairs:
-            image = Path(pair["image"])
-            suffix = "".join(image.suffixes[-2:]) if image.name.endswith(".nii.gz") else image.suffix
-            ids[pair["image"]] = f"case{len(ids):03d}"
-            shutil.copy(image, studies / f"{ids[pair['image']]}{suffix}")
+        for pair in pairs:  # the case name is the image id in the app's datastore
+            suffix = next(s for s in IMAGE_SUFFIXES if pair["image"].lower().endswith(s))
+            shutil.copy(pair["image"], studies / f"{pair['case']}{suffix}")
         conf = {"model_dir": root / "model", "device": args.device}
         if args.checkpoint:
             conf["checkpoint"] = args.checkpoint
@@ -94,13 +91,12 @@ def run(args) -> dict:
             for pair in pairs:
                 label, affine = read_mask(pair["label"])
                 spacing = np.linalg.norm(affine[:3, :3], axis=0)
-                case = Path(pair["image"]).name.split("_image")[0]
                 for k, lesion in enumerate(lesions_of(label, args.target_label)):
                     volume_mm3 = float(lesion.sum()) * float(np.prod(spacing))
-                    scores = annotate(server, ids[pair["image"]], f"lesion{k}", lesion, spacing, args.clicks)
+                    scores = annotate(server, pair["case"], f"lesion{k}", lesion, spacing, args.clicks)
                     records.append(
                         {
-                            "case": case,
+                            "case": pair["case"],
                             "lesion": k,
                             "voxels": int(lesion.sum()),
                             "diameter_mm": round((6.0 * volume_mm3 / math.pi) ** (1.0 / 3.0), 1),

@@ -20,12 +20,12 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 
-from scripts.clicks import SIZE_BINS, dice, lesion_size_bin, next_eval_click  # noqa: E402
+from scripts.clicks import SIZE_BINS, dice, lesion_size_bin  # noqa: E402
 from scripts.data.crops import lesion_crops  # noqa: E402
 from scripts.data.folders import folder_datalist  # noqa: E402
 from scripts.data.transforms import get_preprocess_transforms, load_datalist  # noqa: E402
 from scripts.model_file import default_model_path, read_model_file  # noqa: E402
-from scripts.training.click_rounds import _append_clicks, decoder_clicks, initial_mask_prompt  # noqa: E402
+from scripts.training.click_rounds import evaluation_clicks  # noqa: E402
 
 
 def click_component(logits: np.ndarray, threshold: float, point: tuple[int, int, int]) -> np.ndarray:
@@ -36,16 +36,10 @@ def click_component(logits: np.ndarray, threshold: float, point: tuple[int, int,
 
 @torch.inference_mode()
 def first_click_logits(network, image: torch.Tensor, target: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """(S, S, S) full-resolution logits after one click at the lesion's deepest point, and that point."""
-    embedding, features = network.encode(image), network.refine_features(image)
-    point, _ = next_eval_click(np.zeros_like(target), target, (1.0,) * 3)
-    points = torch.as_tensor(np.asarray(point, dtype=np.float32)[None, None])
-    labels = torch.tensor([[1]])
-    history = _append_clicks((None, None), points, labels)
-    prompt = initial_mask_prompt(network, 1, image.device)
-    low, _ = network.decode(embedding, *decoder_clicks(network, (points, labels), history), prompt)
-    full = network.full_res_logits(low.float(), target.shape, features, None, *history)
-    return full[0, 0].numpy(), tuple(int(v) for v in point)
+    """(S, S, S) full-resolution logits the model shows after one click at the lesion's deepest point, and that
+    point: the first click of the evaluation protocol."""
+    result = evaluation_clicks(network, image, target, 1)
+    return result["full_logits"][0, 0].cpu().numpy(), result["points"][0]
 
 
 def main(argv=None) -> None:

@@ -116,7 +116,8 @@ def evaluation_clicks(
 
     Returns:
         {"dice": [Dice after click 1..k], "mask": final (S, S, S) bool, "low_res_logits": last (1, 1, ...),
-         "points": [(i, j, k)], "labels": [0/1], "masks_at": {k: (S, S, S) bool}}
+         "full_logits": last shown (1, 1, S, S, S) logits (None before a click), "points": [(i, j, k)],
+         "labels": [0/1], "masks_at": {k: (S, S, S) bool}}
     """
     target = np.asarray(target, dtype=bool)
     embedding = network.encode(image, **(encode_inputs or {})) if embedding is None else embedding
@@ -145,5 +146,5 @@ def evaluation_clicks(
             result["masks_at"][len(result["dice"])] = pred
     for k in keep_masks_at:
         result["masks_at"].setdefault(k, pred)
-    result.update(mask=pred, low_res_logits=prev_logits)
+    result.update(mask=pred, low_res_logits=prev_logits, full_logits=full_logits)
     return result
