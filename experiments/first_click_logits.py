@@ -4,8 +4,9 @@ For every lesion of ``--dataset_json``'s test split (or of a ``--dataset_dir`` o
 evaluation crop gets one click at the lesion's deepest point; the script prints, per size bin, the Dice of the
 connected component holding the click when the full-resolution logits are cut at each threshold of ``--ladder``.
 A threshold that helps large lesions and hurts small ones shows a calibration problem no global shift can fix.
+``--before_refiner`` cuts the mask decoder's upsampled logits instead, to tell which part holds the mask back.
 
-    python experiments/first_click_logits.py --dataset_json VALIDATION_AS_TEST.json
+    python experiments/first_click_logits.py --dataset_json VALIDATION_AS_TEST.json [--before_refiner]
 """
 
 from __future__ import annotations
@@ -35,11 +36,15 @@ def click_component(logits: np.ndarray, threshold: float, point: tuple[int, int,
 
 
 @torch.inference_mode()
-def first_click_logits(network, image: torch.Tensor, target: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """(S, S, S) full-resolution logits the model shows after one click at the lesion's deepest point, and that
-    point: the first click of the evaluation protocol."""
+def first_click_logits(
+    network, image: torch.Tensor, target: np.ndarray, before_refiner: bool = False
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """(S, S, S) full-resolution logits the model shows after one click at the lesion's deepest point (or, with
+    ``before_refiner``, the mask decoder's logits upsampled to the crop), and that point: the first click of the
+    evaluation protocol."""
     result = evaluation_clicks(network, image, target, 1)
-    return result["full_logits"][0, 0].cpu().numpy(), result["points"][0]
+    logits = network.upscale_logits(result["low_res_logits"], target.shape) if before_refiner else result["full_logits"]
+    return logits[0, 0].float().cpu().numpy(), result["points"][0]
 
 
 def main(argv=None) -> None:
@@ -50,6 +55,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default=None, help="model file (default: the shipped default model)")
     parser.add_argument("--target_label", type=int, default=1)
     parser.add_argument("--ladder", type=float, nargs="+", default=[0.5, 0.0, -0.5, -1.0, -2.0, -3.0])
+    parser.add_argument("--before_refiner", action="store_true", help="cut the decoder's upsampled logits")
     args = parser.parse_args(argv)
     model = read_model_file(args.model or default_model_path())
     network, pre = model.network.eval(), model.preprocessing
@@ -63,7 +69,7 @@ def main(argv=None) -> None:
         ):
             target = np.asarray(target, dtype=bool)
             if target.any():
-                logits, point = first_click_logits(network, crop[None].float(), target)
+                logits, point = first_click_logits(network, crop[None].float(), target, args.before_refiner)
                 row = [dice(click_component(logits, t, point), target) for t in args.ladder]
                 scores[lesion_size_bin(num_voxels, pre.spacing)].append(row)
     print("| size | lesions | " + " | ".join(f"Dice@1 at {t:+.1f} (%)" for t in args.ladder) + " |")

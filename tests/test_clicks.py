@@ -301,6 +301,55 @@ def test_training_clicks_are_drawn_in_the_lesion_and_the_refiner_sees_every_clic
     assert net.refined == list(np.cumsum(fed).astype(int))
 
 
+def test_first_round_weight_scales_only_the_first_rounds_loss():
+    from scripts.training.click_rounds import training_rounds
+
+    target = torch.zeros(1, 1, 16, 16, 16, dtype=torch.bool)
+    target[:, :, 3:10, 4:11, 5:12] = True
+    totals, per_round = {}, {}
+    for weight in (1.0, 3.0):
+        net = _ClickRecorder()
+        seen = per_round.setdefault(weight, [])
+        # round k's loss is scaled by k + 1, so scaling any round but the first would change the totals
+        loss = lambda logits, y: seen.append((len(seen) + 1) * (logits - y).abs().mean()) or seen[-1]  # noqa: E731
+        totals[weight], _ = training_rounds(
+            net, target.float(), target.float(), loss, 4, random.Random(0), first_round_weight=weight
+        )
+    assert len(per_round[1.0]) == 4
+    assert torch.allclose(totals[1.0], sum(per_round[1.0]))
+    assert torch.allclose(totals[3.0], 3 * per_round[3.0][0] + sum(per_round[3.0][1:]))
+    assert torch.allclose(totals[3.0] - totals[1.0], 2 * per_round[1.0][0])
+
+
+def test_decoder_loss_weight_adds_the_decoders_own_loss_when_a_refiner_follows_it():
+    from scripts.training.click_rounds import training_rounds
+
+    class Refined(_ClickRecorder):
+        refiner = torch.nn.Identity()  # marks a refining network; the recorder's full_res_logits stands for it
+
+        def upscale_logits(self, low_res, size):
+            return torch.full((low_res.shape[0], 1, *size), 5.0)  # distinct from the refined logits
+
+        def full_res_logits(self, low_res, size, features, prev_logits, points, labels):
+            return torch.zeros((low_res.shape[0], 1, *size))
+
+    target = torch.zeros(1, 1, 16, 16, 16)
+    target[:, :, 3:10, 4:11, 5:12] = 1.0
+    loss = lambda logits, y: (torch.sigmoid(logits) - y).abs().mean()  # noqa: E731
+    refined_only = loss(torch.zeros_like(target), target)
+    decoded_only = loss(torch.full_like(target, 5.0), target)
+    for network, weight, expected in (
+        (Refined(), 0.0, 3 * refined_only),
+        (Refined(), 0.5, 3 * (refined_only + 0.5 * decoded_only)),
+        (_ClickRecorder(), 0.5, None),  # no refiner: the decoder's logits are already what the loss sees
+    ):
+        total, _ = training_rounds(network, target, target, loss, 3, random.Random(0), decoder_loss_weight=weight)
+        if expected is not None:
+            assert torch.allclose(total, expected)
+    plain, _ = training_rounds(_ClickRecorder(), target, target, loss, 3, random.Random(0))
+    assert torch.allclose(total, plain)
+
+
 def test_multi_click_networks_get_every_click_in_the_decoder():
     """SAM-Med3D's --multi_click: training and evaluation rounds feed the decoder every click so far."""
     from scripts.training.click_rounds import evaluation_clicks, training_rounds

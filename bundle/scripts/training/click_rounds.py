@@ -49,6 +49,8 @@ def training_rounds(
     rng: random.Random | None = None,
     generator: torch.Generator | None = None,
     encode_inputs: dict[str, Any] | None = None,
+    first_round_weight: float = 1.0,
+    decoder_loss_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Simulated interactive rounds with the loss summed over rounds.
 
@@ -57,9 +59,14 @@ def training_rounds(
         targets: (B, 1, S, S, S) binary lesion masks.
         loss_fn: loss on full-resolution logits vs targets.
         encode_inputs: extra ``network.encode`` inputs, e.g. ``{"anatomy": organ masks (B, 1, S, S, S)}`` (TAGS).
+        first_round_weight: weight of round one's loss (the others weigh 1). The first click alone has to draw the
+            whole lesion, which a sum over many rounds underprices (docs/experiments.md, section 16).
+        decoder_loss_weight: with a refiner, each round also adds this times the loss of the mask decoder's own
+            upsampled logits (the loss upstream SAM-Med3D trains), so the decoder stays a calibrated mask and the
+            refiner a correction of it (docs/experiments.md, section 17); 0 = the refined logits alone.
 
     Returns:
-        (summed loss, last round's full-resolution logits).
+        (weighted sum of the rounds' losses, last round's full-resolution logits).
     """
     embeddings = network.encode(images, **(encode_inputs or {}))
     features = network.refine_features(images)
@@ -68,7 +75,7 @@ def training_rounds(
     total = images.new_zeros(())
     logits = shown = None  # the network's logits (the loss's input) and what the annotator sees of them
     history = (None, None)  # every click fed so far: the refiner's input (the decoder's with multi_click)
-    for feed_points in training_round_schedule(num_rounds, rng):
+    for index, feed_points in enumerate(training_round_schedule(num_rounds, rng)):
         if logits is not None:  # made here, not after the loss, so the last round's is never computed
             shown = shown_logits(network, logits, *history)
         with torch.no_grad():
@@ -81,7 +88,11 @@ def training_rounds(
             points, labels = decoder_clicks(network, (points, labels), history)
         low_res, _ = network.decode(embeddings, points, labels, prev_logits)
         logits = network.full_res_logits(low_res, images.shape[2:], features, shown, *history)
-        total = total + loss_fn(logits.float(), targets.float())
+        round_loss = loss_fn(logits.float(), targets.float())
+        if decoder_loss_weight and getattr(network, "refiner", None) is not None:
+            decoded = network.upscale_logits(low_res, images.shape[2:])
+            round_loss = round_loss + decoder_loss_weight * loss_fn(decoded.float(), targets.float())
+        total = total + (first_round_weight if index == 0 else 1.0) * round_loss
         prev_logits = low_res.detach()  # no gradient through earlier rounds (memory), as in VISTA3D-style training
     return total, logits
 

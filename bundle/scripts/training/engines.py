@@ -75,13 +75,22 @@ class ClickTrainingStep(nn.Module):
     """
 
     def __init__(
-        self, network: nn.Module, loss_function: Callable, num_rounds: int = 11, seed: int = 0, gate_cost: float = 0.0
+        self,
+        network: nn.Module,
+        loss_function: Callable,
+        num_rounds: int = 11,
+        seed: int = 0,
+        gate_cost: float = 0.0,
+        first_round_weight: float = 1.0,
+        decoder_loss_weight: float = 0.0,
     ):
         super().__init__()
         self.network = network
         self.loss_function = loss_function
         self.num_rounds = num_rounds
         self.gate_cost = float(gate_cost)
+        self.first_round_weight = float(first_round_weight)
+        self.decoder_loss_weight = float(decoder_loss_weight)
         self.rng = random.Random(seed)
         self.last_extra_losses: dict[str, float] = {}
 
@@ -94,7 +103,15 @@ class ClickTrainingStep(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``encode_inputs``: e.g. the anatomy masks; ``batch``: the entries the extensions' losses need."""
         loss, logits = training_rounds(
-            self.network, images, targets, self.loss_function, self.num_rounds, self.rng, encode_inputs=encode_inputs
+            self.network,
+            images,
+            targets,
+            self.loss_function,
+            self.num_rounds,
+            self.rng,
+            encode_inputs=encode_inputs,
+            first_round_weight=self.first_round_weight,
+            decoder_loss_weight=self.decoder_loss_weight,
         )
         self.last_extra_losses = {}
         for name, weight, value in extension_losses(self.network, targets, batch or {}):
@@ -119,6 +136,8 @@ class InteractiveTrainer(SupervisedTrainer):
         seed: seed of the click draws' round schedule.
         anatomy_key: batch entry holding the organ masks passed to ``encode(..., anatomy=...)``; None = off.
         gate_cost: weight of the SGPM gate's compute cost in the loss (module docstring); 0 = off.
+        first_round_weight: weight of the first click round's loss (``training_rounds``); 1 = a plain sum.
+        decoder_loss_weight: weight of the mask decoder's own loss in each round (``training_rounds``); 0 = off.
     """
 
     def __init__(
@@ -130,11 +149,13 @@ class InteractiveTrainer(SupervisedTrainer):
         seed: int = 0,
         anatomy_key: str | None = None,
         gate_cost: float = 0.0,
+        first_round_weight: float = 1.0,
+        decoder_loss_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.training_step = training_step or ClickTrainingStep(
-            self.network, self.loss_function, num_rounds, seed, gate_cost
+            self.network, self.loss_function, num_rounds, seed, gate_cost, first_round_weight, decoder_loss_weight
         )
         self.grad_clip_norm = grad_clip_norm
         self.anatomy_key = anatomy_key
