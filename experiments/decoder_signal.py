@@ -1,0 +1,105 @@
+"""How much of a refiner model's mask comes from the ViT path (encoder, SGPM, prompt encoder, mask decoder)?
+
+The refiner reads the image itself and adds a residual to the decoder's upsampled logits. This script measures,
+per lesion size, (1) the decoder's first-click logits: their median over the crop, their spread (the 90th minus
+the 10th percentile) and how far the lesion stands out (median inside the lesion minus median outside), and
+(2) Dice after clicks 1, 3 and 5 of the evaluation protocol when the refiner gets the decoder's logits as they are,
+with the spatial pattern removed (every round's logits replaced by their crop mean), or with the deviation from
+that mean scaled by ``--gains``. A model whose mask does not depend on the decoder's pattern has a ViT path that
+adds nothing.
+
+    python experiments/decoder_signal.py --dataset_json VALIDATION_AS_TEST.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "bundle")]
+
+from experiments.first_click_logits import first_click_logits  # noqa: E402
+from experiments.zoom_out_click import play  # noqa: E402
+from scripts.clicks import SIZE_BINS, lesion_size_bin  # noqa: E402
+from scripts.data.crops import lesion_crops  # noqa: E402
+from scripts.data.folders import folder_datalist  # noqa: E402
+from scripts.data.transforms import get_preprocess_transforms, load_datalist  # noqa: E402
+from scripts.model_file import default_model_path, read_model_file  # noqa: E402
+
+
+def decoder_variants(upscale, gains):
+    """name -> replacement of ``network.upscale_logits``: as served, crop mean only, mean + g x deviation."""
+
+    def scaled(gain):
+        def upscale_scaled(low_res, size=None):
+            logits = upscale(low_res, size)
+            mean = logits.mean(dim=(2, 3, 4), keepdim=True)
+            return mean + gain * (logits - mean)
+
+        return upscale_scaled
+
+    return {"as served": upscale, "crop mean only": scaled(0.0), **{f"deviation x {g:g}": scaled(g) for g in gains}}
+
+
+def logit_stats(network, crop, target) -> list[float]:
+    """[median, 90th - 10th percentile, lesion median - background median] of the decoder's first-click logits."""
+    logits, _ = first_click_logits(network, crop, target, before_refiner=True)
+    low, high = np.percentile(logits, [10, 90])
+    return [float(np.median(logits)), float(high - low), float(np.median(logits[target]) - np.median(logits[~target]))]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset_json", help="a data list; its 'test' split is used")
+    source.add_argument("--dataset_dir", help="a folder of image/label pairs")
+    parser.add_argument("--model", default=None, help="model file (default: the shipped default model)")
+    parser.add_argument("--target_label", type=int, default=1)
+    parser.add_argument("--gains", type=float, nargs="*", default=[2.0])
+    args = parser.parse_args(argv)
+    model = read_model_file(args.model or default_model_path())
+    network, pre = model.network.eval(), model.preprocessing
+    if getattr(network, "refiner", None) is None:
+        parser.error("this model has no refiner: its mask is the decoder's")
+    items = load_datalist(args.dataset_json, "test") if args.dataset_json else folder_datalist(args.dataset_dir)
+    pipeline = get_preprocess_transforms(args.target_label, pre.image_channel, pre.ct_clamp, pre.spacing)
+    variants = decoder_variants(network.upscale_logits, args.gains)
+    sizes, stats, curves = [], [], {name: [] for name in variants}
+    for item in items:
+        data = pipeline({"image": item["image"], "label": item["label"]})
+        for _, num_voxels, _, crop, target in lesion_crops(
+            data["image"], data["label"], pre.roi_size, 3, pre.normalisation
+        ):
+            target = np.asarray(target, dtype=bool)
+            if not target.any():
+                continue
+            sizes.append(lesion_size_bin(num_voxels, pre.spacing))
+            network.upscale_logits = variants["as served"]
+            stats.append(logit_stats(network, crop[None].float(), target))
+            for name, upscale in variants.items():
+                network.upscale_logits = upscale
+                curves[name].append(play(network, crop[None].float(), target, 5, "fine"))
+    network.upscale_logits = variants["as served"]
+    report(np.asarray(sizes), np.asarray(stats), {k: np.asarray(v) for k, v in curves.items()})
+
+
+def report(sizes: np.ndarray, stats: np.ndarray, curves: dict[str, np.ndarray]) -> None:
+    bins = [b for b in SIZE_BINS if (sizes == b).any()]
+    print("| size | lesions | decoder median | spread (p90 - p10) | lesion - background |\n|---|---|---|---|---|")
+    for b in bins:
+        cells = np.median(stats[sizes == b], axis=0)
+        print(f"| {b} | {(sizes == b).sum()} | " + " | ".join(f"{c:+.2f}" for c in cells) + " |")
+    print("\n| decoder logits | Dice@1 | Dice@3 | Dice@5 | " + " | ".join(f"Dice@5 {b}" for b in bins) + " |")
+    print("|---" * (4 + len(bins)) + "|")
+    for name, c in curves.items():
+        cells = [c[:, k].mean() for k in (0, 2, 4)] + [c[sizes == b, 4].mean() for b in bins]
+        print(f"| {name} | " + " | ".join(f"{100 * v:.1f}" for v in cells) + " |")
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()
