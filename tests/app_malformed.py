@@ -4,7 +4,7 @@ Each case is ``(name, send)``; ``send()`` performs one HTTP request against the 
 None of them is valid, so each must be answered 4xx with a reason, change nothing in the datastore and leave the
 server up. Kinds: bad JSON and bad types, NaN/inf and out-of-range clicks, 2-D points, unknown image, model,
 strategy, method, huge click lists, bad segment names, ROIs, flags and output types, corrupt uploads (labels,
-images, models), labels whose geometry differs from their image's, path-like ids and tags, bad train and scoring
+images, models, images sent with a click), labels whose geometry differs from their image's, path-like ids and tags, bad train and scoring
 requests.
 """
 
@@ -33,6 +33,18 @@ def _upload(url: str, path: str, query: dict, field: str, file: Path, form: dict
         with open(file, "rb") as fh:
             files = {field: (file.name, fh), **{k: (None, v) for k, v in (form or {}).items()}}
             return requests.put(f"{url}{path}", params=query, files=files, timeout=TIMEOUT)
+
+    return send
+
+
+def _infer_upload(url: str, file: Path) -> Callable[[], requests.Response]:
+    """A click on an uploaded image, as the Slicer plugin sends an image the server does not have."""
+    params = json.dumps({"label": "lesion", "foreground": [[1, 1, 1]]})
+
+    def send():
+        with open(file, "rb") as fh:
+            files = {"file": (file.name, fh), "params": (None, params)}
+            return requests.post(f"{url}/infer/{MODEL}", files=files, timeout=TIMEOUT)
 
     return send
 
@@ -143,6 +155,7 @@ def datastore_cases(url: str, folder: Path, rng: np.random.Generator) -> list[Ca
         if not name.startswith("geometry"):  # those are valid images: as new images they would be accepted
             query = {"image": f"new_{name}"}
             cases.append((f"add-image-{name}", _upload(url, "/datastore/image", query, "file", path)))
+            cases.append((f"infer-upload-{name}", _infer_upload(url, path)))
     for n, image in enumerate(["no_such_image", "../alpha", "", "big.nii"]):
         send = _upload(url, "/datastore/label", {"image": image}, "label", valid)
         cases.append((f"save-label-unknown-image-{n}", send))

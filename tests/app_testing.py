@@ -121,7 +121,8 @@ class AppServer:
     """``monailabel start_server --app apps/sgpsam_label`` as a subprocess in its own session (killed as a group).
 
     Args:
-        root: working folder (server log, MONAI Label's upload sessions, client downloads).
+        root: working folder (server log, MONAI Label's upload sessions, client downloads, the server's temp
+            folder ``tmp``: uploads wait there, and a test can see what is left behind).
         studies: the studies folder (datastore).
         conf: ``--conf`` pairs, e.g. ``{"checkpoint": path}`` (a model file).
         env: extra environment (e.g. ``MONAI_LABEL_AUTO_UPDATE_SCORING=false``).
@@ -132,6 +133,8 @@ class AppServer:
 
         self.root, self.studies = Path(root), Path(studies)
         (self.root / "client").mkdir(parents=True, exist_ok=True)
+        self.tmp = self.root / "tmp"
+        self.tmp.mkdir(exist_ok=True)
         self.url = f"http://127.0.0.1:{free_port()}"
         cli = Path(sys.executable).parent / "monailabel"
         cmd = [str(cli)] if cli.exists() else [sys.executable, "-m", "monailabel.main"]
@@ -151,6 +154,7 @@ class AppServer:
             "NO_PROXY": "127.0.0.1,localhost",
             "no_proxy": "127.0.0.1,localhost",
             "PYTHONUNBUFFERED": "1",
+            "TMPDIR": str(self.tmp),
             **(env or {}),
         }
         self.log = self.root / "server.log"

@@ -66,12 +66,17 @@ def mask_digest(path) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 def test_malformed_requests_answer_4xx_and_leave_the_datastore_unchanged(server, tmp_path):
     before = datastore_digest(server.studies)
+    temp_before = set(server.tmp.iterdir())
     cases = malformed_requests(server.url, server.studies, tmp_path, seed=18)
     assert len(cases) >= 200
     failures = []
     for name, send in cases:
+        seen = set(server.tmp.iterdir())
         try:
             response = send()
+            import time; time.sleep(0.05)
+            new = set(server.tmp.iterdir()) - seen
+            if new: print("LEAK", name, response.status_code, [p.name for p in new])
         except requests.RequestException as err:
             failures.append(f"{name}: no answer ({err!r})")
             continue
@@ -90,6 +95,8 @@ def test_malformed_requests_answer_4xx_and_leave_the_datastore_unchanged(server,
     after = datastore_digest(server.studies)
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     assert not changed, f"malformed requests changed the datastore: {changed}"
+    left = sorted(p.name for p in set(server.tmp.iterdir()) - temp_before)
+    assert not left, f"refused uploads left in the server's temp folder: {left}"
     _, params = server.infer("alpha", {"foreground": [[30, 32, 16]], "reset_state": True})
     assert params["new_clicks"] == 1, "a valid click after the malformed ones must still work"
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.transforms import LoadImage
 from scripts.data.crops import crop_at
-from scripts.data.inference_image import load_image, preprocess_image_for_inference
+from scripts.data.inference_image import ImageReadError, load_image, preprocess_image_for_inference
 from scripts.data.transforms import get_preprocess_transforms
 
 AFFINE = np.array([[0.0, -0.8, 0.1, 12.0], [0.9, 0.0, 0.0, -30.0], [0.0, 0.1, 2.5, 7.0], [0, 0, 0, 1]])
@@ -63,7 +63,12 @@ def test_windows_from_an_int16_file_equal_the_training_pipeline(real_data_dir, c
 def test_a_file_itk_cannot_read_fails_with_the_readers_error(tmp_path):
     broken = tmp_path / "broken.nrrd"
     broken.write_bytes(b"NRRD0004\ntype: short\nsizes: 4 4\n")  # header without data
-    with pytest.raises(Exception, match="dimension"):  # MONAI's NRRD reader names what is missing
-        load_image(broken)
+    with pytest.raises(ImageReadError, match="broken.nrrd cannot be read: .*dimension") as caught:
+        load_image(broken)  # MONAI's NRRD reader names what is missing
+    assert isinstance(caught.value, ValueError) and str(tmp_path) not in str(caught.value)
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(b"\0")
+    with pytest.raises(ImageReadError, match="garbage.nii.gz cannot be read: .*not a gzip file"):
+        load_image(garbage)
     with pytest.raises(FileNotFoundError):
         load_image(tmp_path / "missing.nii.gz")

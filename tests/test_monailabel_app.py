@@ -263,11 +263,17 @@ def test_save_label_never_corrupts_existing_labels(server, real_data_dir):
     garbage = server.root / "garbage.nrrd"
     garbage.write_bytes(b"not an image at all")
     wrong_shape = real_data_dir / "breast1_label.nrrd"
+    uploads_before = set(server.tmp.glob("*.nrrd"))
     for bad in (garbage, wrong_shape):
         with pytest.raises(MONAILabelClientException, match="Status: 422"):
             client.save_label("brain2", str(bad), tag="final")
     with pytest.raises(MONAILabelClientException, match="Status: 404"):
         client.save_label("no_such_image", str(real_data_dir / "brain2_label.nrrd"), tag="final")
+    click = json.dumps({"label": "lesion", "foreground": [[1, 1, 1]]})
+    with open(garbage, "rb") as fh:  # a corrupt image sent with a click, as the Slicer plugin uploads images
+        response = requests.post(f"{server.url}/infer/{MODEL}", files={"params": (None, click), "file": ("x.nrrd", fh)})
+    assert 400 <= response.status_code < 500, response.text
+    assert set(server.tmp.glob("*.nrrd")) <= uploads_before  # refused uploads are not left in the server's temp
     assert saved.read_bytes() == before
     assert not list(saved.parent.glob(".*.tmp"))
     datastore = client.datastore()

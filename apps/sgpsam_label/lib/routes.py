@@ -24,6 +24,7 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.batch_infer import BatchInferImageType
 from monailabel.interfaces.utils.app import app_instance
+from monailabel.utils.others.generic import remove_file
 
 from .request import SERVER_KEY, unprocessable
 
@@ -67,6 +68,22 @@ def _checked(check: Callable[[Dict[str, Any]], Dict[str, Any]], params: Optional
         raise unprocessable(str(err).splitlines()[0][:300]) from None
 
 
+def _removing_uploads_on_error(background_tasks: BackgroundTasks, call: Callable[[], Any]):
+    """``call()``; if it fails, delete the request's uploaded files before the error answer goes out.
+
+    MONAI Label removes an upload in a background task, and Starlette runs those only after a successful response:
+    every refused upload (a corrupt image, a label of the wrong shape) would otherwise stay in the server's temp
+    folder for good.
+    """
+    try:
+        return call()
+    except BaseException:
+        for task in background_tasks.tasks:
+            if task.func is remove_file:
+                remove_file(*task.args, **task.kwargs)
+        raise
+
+
 # -- inference and active learning ------------------------------------------------------------------------------
 def run_infer(
     request: Request,
@@ -87,7 +104,8 @@ def run_infer(
     if output == ResultType.dicom_seg:
         raise unprocessable("output=dicom_seg needs a DICOM-web datastore; this server has local files")
     values[SERVER_KEY] = _server_side(request, session_id, upload=file is not None)
-    return infer.run_inference(background_tasks, model, image, session_id, json.dumps(values), file, label, output)
+    args = (background_tasks, model, image, session_id, json.dumps(values), file, label, output)
+    return _removing_uploads_on_error(background_tasks, lambda: infer.run_inference(*args))
 
 
 def next_sample(request: Request, strategy: str, params: Optional[dict] = None, user: User = USER):
@@ -106,7 +124,9 @@ def save_label(
     user: User = ANNOTATOR,
 ):
     json_object(params, "params", MAX_INFO_CHARS)
-    return datastore.save_label(background_tasks, image, params, tag, label, user.username)
+    return _removing_uploads_on_error(
+        background_tasks, lambda: datastore.save_label(background_tasks, image, params, tag, label, user.username)
+    )
 
 
 def add_image(
@@ -117,7 +137,9 @@ def add_image(
     user: User = ANNOTATOR,
 ):
     json_object(params, "params", MAX_INFO_CHARS)
-    return datastore.add_image(background_tasks, image, params, file, user.username)
+    return _removing_uploads_on_error(
+        background_tasks, lambda: datastore.add_image(background_tasks, image, params, file, user.username)
+    )
 
 
 def put_image_info(image: str, info: str = Form("{}"), user: User = ANNOTATOR):

@@ -27,6 +27,7 @@ from .crops import window_region
 from .transforms import RAS_LABELS, get_preprocess_transforms
 
 __all__ = [
+    "ImageReadError",
     "InferenceImage",
     "file_voxel_to_resampled",
     "load_image",
@@ -114,6 +115,10 @@ class InferenceImage:
 KEPT_DTYPES = {np.dtype(t) for t in (np.uint8, np.int8, np.int16, np.int32, np.int64, np.float32, np.float64)}
 
 
+class ImageReadError(ValueError):
+    """An image file that no reader opens: corrupt, truncated or not an image (a ``ValueError``: bad input)."""
+
+
 def load_image(path: str | os.PathLike) -> MetaTensor:
     """(C, X, Y, Z) image of a file: the array and affine of ``LoadImage(ensure_channel_first=True)``, in the file's
     voxel type where torch supports it (else float32).
@@ -121,14 +126,22 @@ def load_image(path: str | os.PathLike) -> MetaTensor:
     ``LoadImage`` copies every array into C-ordered float32. For a 512 x 512 x 100 CT read by ITK (Fortran-ordered
     arrays) that transposing copy, a fresh 100 MB to fault in, and the slower NRRD reader cost 0.3-0.8 s of a first
     click. Here the array stays ITK's buffer (the view keeps the ITK image alive) and windows are converted when
-    they are cropped. Files ITK cannot read go through ``LoadImage`` and its other readers, with their errors.
+    they are cropped. Files ITK cannot read go through ``LoadImage`` and its other readers; a file none of them
+    reads raises :class:`ImageReadError`.
     """
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no image file {path}")
     reader = ITKReader()
     try:
         array, meta = reader.get_data(reader.read(path))
-    except Exception:  # not an ITK format (or a broken file): MONAI's reader choice reports it
-        return LoadImage(image_only=True, ensure_channel_first=True)(path)
+    except Exception:  # not an ITK format (or a broken file): MONAI's other readers get a chance
+        try:
+            return LoadImage(image_only=True, ensure_channel_first=True)(path)
+        except Exception as err:
+            name = os.path.basename(path)
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0].replace(path, name)[:200]
+            raise ImageReadError(f"the image file {name} cannot be read: {reason}") from err
     array = np.asarray(array)
     if array.dtype not in KEPT_DTYPES:
         array = array.astype(np.float32, order="K")  # keeps the memory order
