@@ -301,6 +301,45 @@ def test_training_clicks_are_drawn_in_the_lesion_and_the_refiner_sees_every_clic
     assert net.refined == list(np.cumsum(fed).astype(int))
 
 
+def test_central_region_is_the_lesions_core():
+    from scripts.clicks import central_region
+
+    grid = torch.stack(torch.meshgrid(*[torch.arange(32.0)] * 3, indexing="ij"))
+    radius = ((grid - 15.0) ** 2).sum(0).sqrt()
+    target = torch.zeros(2, 1, 32, 32, 32, dtype=torch.bool)
+    target[0, 0] = radius <= 10  # a ball of radius 10; sample 1 stays empty
+    core = central_region(target)
+    assert core.shape == target.shape and core.dtype == torch.bool
+    assert bool(core[0, 0, 15, 15, 15]) and not core[1].any()
+    assert bool((core <= target).all())
+    # depth >= half the deepest (11 at the centre): the ball within about 5.5 of the centre
+    assert float(radius[core[0, 0]].max()) <= 6.0 and float(radius[core[0, 0]].min()) == 0.0
+    assert 0.08 < core[0].sum() / target[0].sum() < 0.2  # about (1/2)^3 of the ball
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_first_training_clicks_come_from_the_centre_when_asked(share):
+    from scripts.clicks import central_region
+    from scripts.training.click_rounds import training_rounds
+
+    target = torch.zeros(64, 1, 16, 16, 16, dtype=torch.bool)
+    target[:, :, 1:15, 1:15, 1:15] = True  # a 14^3 cube: its core is a small fraction of it
+    core = central_region(target)
+    net = _ClickRecorder()
+    loss = lambda logits, y: (logits - y).abs().mean()  # noqa: E731
+    generator = torch.Generator().manual_seed(5)
+    training_rounds(
+        net, target.float(), target.float(), loss, 3, random.Random(0), generator, central_first_click=share
+    )
+    points, labels = net.decoded[0]
+    in_core = [bool(core[b, 0][tuple(points[b, 0].long())]) for b in range(64)]
+    assert labels.flatten().tolist() == [1] * 64
+    if share:
+        assert all(in_core)
+    else:  # uniform over the cube: the core holds about 1/8 of it
+        assert sum(in_core) < 24
+
+
 def test_first_round_weight_scales_only_the_first_rounds_loss():
     from scripts.training.click_rounds import training_rounds
 

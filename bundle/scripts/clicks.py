@@ -3,7 +3,8 @@
 Conventions (docs/conventions.md): points are voxel indices of the network input crop in the image tensor's
 axis order, ``(B, N, 3)`` float; labels ``(B, N)``: 1 foreground, 0 background, -1 padding.
 
-* Training (SAM-Med3D protocol): :func:`sample_training_click`, :func:`training_round_schedule`.
+* Training (SAM-Med3D protocol): :func:`sample_training_click`, :func:`training_round_schedule`; optionally first
+  clicks from the lesion's centre, where annotators and the evaluation put them: :func:`central_region`.
 * Evaluation (deterministic, RITM-style): :func:`next_eval_click`.
 * Click consistency (training, evaluation and the app alike): :func:`click_consistent_logits`.
 * Metrics: :func:`dice`, :func:`number_of_clicks`, :func:`lesion_size_bin`, :func:`summarise`.
@@ -24,6 +25,7 @@ from scipy.ndimage import label as label_components
 
 __all__ = [
     "sample_training_click",
+    "central_region",
     "training_round_schedule",
     "next_eval_click",
     "click_consistent_logits",
@@ -73,6 +75,25 @@ def sample_training_click(
     _, sy, sz = spatial
     coords = torch.stack((flat // (sy * sz), (flat // sz) % sy, flat % sz), dim=-1)  # (B, 1, 3)
     return coords.float(), labels
+
+
+def central_region(target: torch.Tensor, depth_fraction: float = 0.5) -> torch.Tensor:
+    """The voxels of each sample's target at least ``depth_fraction`` of its greatest depth inside it.
+
+    Depth is the Euclidean distance to the nearest background voxel (the crop's faces do not count as background).
+    Upstream draws the first training click uniformly from the lesion, so on a large lesion it mostly lands near
+    the border, while annotators and the evaluation protocol click near the centre (the deepest point).
+
+    Args:
+        target: ``(B, 1, X, Y, Z)`` bool ground truth, any device.
+
+    Returns:
+        ``(B, 1, X, Y, Z)`` bool on the target's device; empty where the target is empty.
+    """
+    masks = target[:, 0].detach().bool().cpu().numpy()
+    depth = torch.stack([torch.from_numpy(distance_transform_edt(m).astype(np.float32)) for m in masks])
+    deepest = depth.flatten(1).amax(1).view(-1, 1, 1, 1)
+    return ((depth >= depth_fraction * deepest) & (depth > 0))[:, None].to(target.device)
 
 
 def training_round_schedule(

@@ -15,7 +15,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..clicks import click_consistent_logits, dice, next_eval_click, sample_training_click, training_round_schedule
+from ..clicks import (
+    central_region,
+    click_consistent_logits,
+    dice,
+    next_eval_click,
+    sample_training_click,
+    training_round_schedule,
+)
 
 
 def initial_mask_prompt(network, batch: int, device) -> torch.Tensor:
@@ -51,6 +58,7 @@ def training_rounds(
     encode_inputs: dict[str, Any] | None = None,
     first_round_weight: float = 1.0,
     decoder_loss_weight: float = 0.0,
+    central_first_click: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Simulated interactive rounds with the loss summed over rounds.
 
@@ -64,6 +72,8 @@ def training_rounds(
         decoder_loss_weight: with a refiner, each round also adds this times the loss of the mask decoder's own
             upsampled logits (the loss upstream SAM-Med3D trains), so the decoder stays a calibrated mask and the
             refiner a correction of it (docs/experiments.md, section 17); 0 = the refined logits alone.
+        central_first_click: share of samples whose first click is drawn from the lesion's central region
+            (:func:`scripts.clicks.central_region`) instead of the whole lesion; 0 = upstream's uniform draw.
 
     Returns:
         (weighted sum of the rounds' losses, last round's full-resolution logits).
@@ -80,7 +90,8 @@ def training_rounds(
             shown = shown_logits(network, logits, *history)
         with torch.no_grad():
             pred = torch.zeros_like(target_bool) if shown is None else shown > 0
-            points, labels = sample_training_click(pred, target_bool, generator)
+            drawn_from = _first_click_region(target_bool, central_first_click, generator) if index == 0 else target_bool
+            points, labels = sample_training_click(pred, drawn_from, generator)
         if not feed_points:
             points = labels = None
         else:
@@ -95,6 +106,15 @@ def training_rounds(
         total = total + (first_round_weight if index == 0 else 1.0) * round_loss
         prev_logits = low_res.detach()  # no gradient through earlier rounds (memory), as in VISTA3D-style training
     return total, logits
+
+
+def _first_click_region(target: torch.Tensor, central_share: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Where round one's click is drawn: the central region for a ``central_share`` of the samples, else the whole
+    target. The region lies inside the target, so the click's label (1) and an empty target's fallback are kept."""
+    if central_share <= 0:
+        return target
+    chosen = torch.rand(target.shape[0], generator=generator, device=target.device) < central_share
+    return torch.where(chosen.view(-1, 1, 1, 1, 1), central_region(target), target)
 
 
 def _append_clicks(history, points: torch.Tensor, labels: torch.Tensor):

@@ -83,6 +83,7 @@ class ClickTrainingStep(nn.Module):
         gate_cost: float = 0.0,
         first_round_weight: float = 1.0,
         decoder_loss_weight: float = 0.0,
+        central_first_click: float = 0.0,
     ):
         super().__init__()
         self.network = network
@@ -91,6 +92,7 @@ class ClickTrainingStep(nn.Module):
         self.gate_cost = float(gate_cost)
         self.first_round_weight = float(first_round_weight)
         self.decoder_loss_weight = float(decoder_loss_weight)
+        self.central_first_click = float(central_first_click)
         self.rng = random.Random(seed)
         self.last_extra_losses: dict[str, float] = {}
 
@@ -112,6 +114,7 @@ class ClickTrainingStep(nn.Module):
             encode_inputs=encode_inputs,
             first_round_weight=self.first_round_weight,
             decoder_loss_weight=self.decoder_loss_weight,
+            central_first_click=self.central_first_click,
         )
         self.last_extra_losses = {}
         for name, weight, value in extension_losses(self.network, targets, batch or {}):
@@ -138,6 +141,7 @@ class InteractiveTrainer(SupervisedTrainer):
         gate_cost: weight of the SGPM gate's compute cost in the loss (module docstring); 0 = off.
         first_round_weight: weight of the first click round's loss (``training_rounds``); 1 = a plain sum.
         decoder_loss_weight: weight of the mask decoder's own loss in each round (``training_rounds``); 0 = off.
+        central_first_click: share of samples whose first click comes from the lesion's centre (``training_rounds``).
     """
 
     def __init__(
@@ -151,11 +155,19 @@ class InteractiveTrainer(SupervisedTrainer):
         gate_cost: float = 0.0,
         first_round_weight: float = 1.0,
         decoder_loss_weight: float = 0.0,
+        central_first_click: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.training_step = training_step or ClickTrainingStep(
-            self.network, self.loss_function, num_rounds, seed, gate_cost, first_round_weight, decoder_loss_weight
+            self.network,
+            self.loss_function,
+            num_rounds,
+            seed,
+            gate_cost,
+            first_round_weight,
+            decoder_loss_weight,
+            central_first_click,
         )
         self.grad_clip_norm = grad_clip_norm
         self.anatomy_key = anatomy_key
