@@ -114,7 +114,11 @@ def _first_click_region(target: torch.Tensor, central_share: float, generator: t
     if central_share <= 0:
         return target
     chosen = torch.rand(target.shape[0], generator=generator, device=target.device) < central_share
-    return torch.where(chosen.view(-1, 1, 1, 1, 1), central_region(target), target)
+    if not bool(chosen.any()):
+        return target
+    region = target.clone()
+    region[chosen] = central_region(target[chosen])  # the distance transform runs on the CPU: only where needed
+    return region
 
 
 def _append_clicks(history, points: torch.Tensor, labels: torch.Tensor):
