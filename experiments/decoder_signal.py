@@ -2,7 +2,8 @@
 
 The refiner reads the image itself and adds a residual to the decoder's upsampled logits. This script measures,
 per lesion size, (1) the decoder's first-click logits: their median over the crop, their spread (the 90th minus
-the 10th percentile) and how far the lesion stands out (median inside the lesion minus median outside), and
+the 10th percentile) and how far the lesion stands out (median inside the lesion minus median outside), and the
+size of the served first mask (equivalent diameter in voxels of its part that holds the click), and
 (2) Dice after clicks 1, 3 and 5 of the evaluation protocol when the refiner gets the decoder's logits as they are,
 with the spatial pattern removed (every round's logits replaced by their crop mean), or with the deviation from
 that mean scaled by ``--gains``. A model whose mask does not depend on the decoder's pattern has a ViT path that
@@ -22,7 +23,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "bundle")]
 
-from experiments.first_click_logits import first_click_logits  # noqa: E402
+from experiments.first_click_logits import click_component, first_click_logits  # noqa: E402
 from experiments.zoom_out_click import play  # noqa: E402
 from scripts.clicks import SIZE_BINS, lesion_size_bin  # noqa: E402
 from scripts.data.crops import lesion_crops  # noqa: E402
@@ -46,10 +47,14 @@ def decoder_variants(upscale, gains):
 
 
 def logit_stats(network, crop, target) -> list[float]:
-    """[median, 90th - 10th percentile, lesion median - background median] of the decoder's first-click logits."""
+    """[median, 90th - 10th percentile, lesion median - background median] of the decoder's first-click logits, and
+    the equivalent diameter in voxels of the served first mask's part that holds the click."""
     logits, _ = first_click_logits(network, crop, target, before_refiner=True)
     low, high = np.percentile(logits, [10, 90])
-    return [float(np.median(logits)), float(high - low), float(np.median(logits[target]) - np.median(logits[~target]))]
+    refined, point = first_click_logits(network, crop, target)
+    voxels = click_component(refined, 0.0, point).sum()
+    lesion_gap = float(np.median(logits[target]) - np.median(logits[~target]))
+    return [float(np.median(logits)), float(high - low), lesion_gap, float((6.0 * voxels / np.pi) ** (1 / 3))]
 
 
 def main(argv=None) -> None:
@@ -89,10 +94,11 @@ def main(argv=None) -> None:
 
 def report(sizes: np.ndarray, stats: np.ndarray, curves: dict[str, np.ndarray]) -> None:
     bins = [b for b in SIZE_BINS if (sizes == b).any()]
-    print("| size | lesions | decoder median | spread (p90 - p10) | lesion - background |\n|---|---|---|---|---|")
+    print("| size | lesions | decoder median | spread (p90 - p10) | lesion - background | first mask (voxels) |")
+    print("|---|---|---|---|---|---|")
     for b in bins:
         cells = np.median(stats[sizes == b], axis=0)
-        print(f"| {b} | {(sizes == b).sum()} | " + " | ".join(f"{c:+.2f}" for c in cells) + " |")
+        print(f"| {b} | {(sizes == b).sum()} | " + " | ".join(f"{c:+.2f}" for c in cells[:3]) + f" | {cells[3]:.1f} |")
     print("\n| decoder logits | Dice@1 | Dice@3 | Dice@5 | " + " | ".join(f"Dice@5 {b}" for b in bins) + " |")
     print("|---" * (4 + len(bins)) + "|")
     for name, c in curves.items():

@@ -163,6 +163,8 @@ def report(rows: list[dict], rule_mm: list[float]) -> None:
 
     sizes = [r["size"] for r in rows]
     print(f"{len(rows)} lesions: " + ", ".join(f"{b} {sizes.count(b)}" for b in SIZE_BINS))
+    coarse = {b: np.median([r["coarse_mm"] for r in rows if r["size"] == b]) for b in SIZE_BINS if b in sizes}
+    print("coarse first mask, median equivalent diameter: " + ", ".join(f"{b} {v:.1f} mm" for b, v in coarse.items()))
     print("| start | " + " | ".join(heads) + " |\n" + "|---" * (len(heads) + 1) + "|")
     for name in STARTS:
         line(name, [r[name] for r in rows], sizes)
