@@ -4,8 +4,8 @@ Each case is ``(name, send)``; ``send()`` performs one HTTP request against the 
 None of them is valid, so each must be answered 4xx with a reason, change nothing in the datastore and leave the
 server up. Kinds: bad JSON and bad types, NaN/inf and out-of-range clicks, 2-D points, unknown image, model,
 strategy, method, huge click lists, bad segment names, ROIs, flags and output types, corrupt uploads (labels,
-images, models, images sent with a click), labels whose geometry differs from their image's, path-like ids and tags, bad train and scoring
-requests.
+images, models, images sent with a click), labels whose geometry differs from their image's, path-like ids and
+tags, bad train and scoring requests.
 """
 
 from __future__ import annotations

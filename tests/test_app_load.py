@@ -71,12 +71,8 @@ def test_malformed_requests_answer_4xx_and_leave_the_datastore_unchanged(server,
     assert len(cases) >= 200
     failures = []
     for name, send in cases:
-        seen = set(server.tmp.iterdir())
         try:
             response = send()
-            import time; time.sleep(0.05)
-            new = set(server.tmp.iterdir()) - seen
-            if new: print("LEAK", name, response.status_code, [p.name for p in new])
         except requests.RequestException as err:
             failures.append(f"{name}: no answer ({err!r})")
             continue

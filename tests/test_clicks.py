@@ -315,6 +315,10 @@ def test_central_region_is_the_lesions_core():
     # depth >= half the deepest (11 at the centre): the ball within about 5.5 of the centre
     assert float(radius[core[0, 0]].max()) <= 6.0 and float(radius[core[0, 0]].min()) == 0.0
     assert 0.08 < core[0].sum() / target[0].sum() < 0.2  # about (1/2)^3 of the ball
+    # a lesion that fills the crop: the crop's outside is background, so the core sits in the middle
+    full = central_region(torch.ones(1, 1, 9, 9, 9, dtype=torch.bool))[0, 0]
+    assert bool(full[4, 4, 4]) and not full[0].any() and not full[:, :, 8].any()
+    assert torch.nonzero(full).float().mean(0).tolist() == [4.0, 4.0, 4.0]
 
 
 @pytest.mark.parametrize("share", [0.0, 0.5, 1.0])

@@ -80,7 +80,8 @@ def sample_training_click(
 def central_region(target: torch.Tensor, depth_fraction: float = 0.5) -> torch.Tensor:
     """The voxels of each sample's target at least ``depth_fraction`` of its greatest depth inside it.
 
-    Depth is the Euclidean distance to the nearest background voxel (the crop's faces do not count as background).
+    Depth is the Euclidean distance to the nearest background voxel, the crop's outside counted as background as in
+    :func:`next_eval_click` (so a lesion filling the crop has its centre there).
     Upstream draws the first training click uniformly from the lesion, so on a large lesion it mostly lands near
     the border, while annotators and the evaluation protocol click near the centre (the deepest point).
 
@@ -91,7 +92,9 @@ def central_region(target: torch.Tensor, depth_fraction: float = 0.5) -> torch.T
         ``(B, 1, X, Y, Z)`` bool on the target's device; empty where the target is empty.
     """
     masks = target[:, 0].detach().bool().cpu().numpy()
-    depth = torch.stack([torch.from_numpy(distance_transform_edt(m).astype(np.float32)) for m in masks])
+    inner = (slice(1, -1),) * 3
+    depth = [distance_transform_edt(np.pad(m, 1))[inner].astype(np.float32) for m in masks]
+    depth = torch.stack([torch.from_numpy(np.ascontiguousarray(d)) for d in depth])
     deepest = depth.flatten(1).amax(1).view(-1, 1, 1, 1)
     return ((depth >= depth_fraction * deepest) & (depth > 0))[:, None].to(target.device)
 

@@ -80,7 +80,10 @@ def _removing_uploads_on_error(background_tasks: BackgroundTasks, call: Callable
     except BaseException:
         for task in background_tasks.tasks:
             if task.func is remove_file:
-                remove_file(*task.args, **task.kwargs)
+                try:
+                    remove_file(*task.args, **task.kwargs)
+                except OSError as err:  # the request's own error is the one to report
+                    logger.warning(f"could not delete the upload {task.args}: {err}")
         raise
 
 

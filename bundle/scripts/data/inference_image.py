@@ -130,7 +130,7 @@ def load_image(path: str | os.PathLike) -> MetaTensor:
     reads raises :class:`ImageReadError`.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"no image file {path}")
     reader = ITKReader()
     try:
@@ -138,6 +138,8 @@ def load_image(path: str | os.PathLike) -> MetaTensor:
     except Exception:  # not an ITK format (or a broken file): MONAI's other readers get a chance
         try:
             return LoadImage(image_only=True, ensure_channel_first=True)(path)
+        except MemoryError:
+            raise
         except Exception as err:
             name = os.path.basename(path)
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0].replace(path, name)[:200]
