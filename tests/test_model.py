@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import REFERENCE_DIR
 
+from scripts.checkpoint import load_weights
 from scripts.clicks import dice
 from scripts.export import traceable_gates
 from scripts.training.losses import build_loss
@@ -470,6 +471,32 @@ def test_refiner_starts_as_identity_and_sits_outside_the_backbone():
             refined.refine_features(torch.randn(1, 1, 63, 63, 63))
         with pytest.raises(ValueError, match="crop"):
             refined.full_res_logits(low[:, :, :16, :16, :16], (32, 32, 32), features, None, points, labels)
+
+
+def test_refiner_crop_context_starts_as_the_local_refiner():
+    from scripts.modeling.refine import MaskRefiner
+
+    torch.manual_seed(7)
+    local = build_sgp_sam("tiny", sgpm=False, img_size=32, click_map=True, refiner=True).eval()
+    wide = build_sgp_sam("tiny", sgpm=False, img_size=32, click_map=True, refiner=True, refiner_context="crop").eval()
+    torch.nn.init.normal_(local.refiner.out[1].weight, std=0.1)  # leave the identity start
+    report = load_weights(wide, local.state_dict())
+    assert report["initialised"] and all(k.startswith("refiner.wide.") for k in report["initialised"])
+    images = torch.randn(1, 1, 32, 32, 32)
+    points, labels = torch.tensor([[[4.0, 4.0, 4.0]]]), torch.tensor([[1]])
+    with torch.no_grad():
+        low, _ = local.decode(local.encode(images), points, labels)
+        first = [m.full_res_logits(low, None, m.refine_features(images), None, points, labels) for m in (local, wide)]
+        assert torch.equal(first[0], first[1])  # zero-initialised: a file trained without it computes the same
+        torch.nn.init.normal_(wide.refiner.wide[-1].weight, std=0.1)
+        trained = wide.full_res_logits(low, None, wide.refine_features(images), None, points, labels)
+    assert not torch.allclose(trained, first[0])  # the branch feeds the output
+    with pytest.raises(ValueError, match="'local' or 'crop'"):
+        build_sgp_sam("tiny", sgpm=False, refiner=True, refiner_context="global")
+    refiner = MaskRefiner(context="crop")
+    crop = torch.randn(1, 1, 36, 36, 36)  # even, but not a multiple of 8
+    with pytest.raises(ValueError, match="multiples of 8"):
+        refiner(refiner.image_features(crop), torch.zeros(1, 1, 36, 36, 36))
 
 
 def _small_cube_scene(generator: torch.Generator, size: int = 32):

@@ -12,7 +12,8 @@ strings, numbers, booleans and None only, so reading a file never runs pickled c
                       "network": {"preset": "tiny" (informative; None if the sizes match no preset),
                                   "sizes": {img_size, patch_size, embed_dim, ...},  # scripts.modeling.PRESETS keys
                                   "sgpm": {"gate_mode", "gate_threshold", "fuse_depths"} or None,
-                                  "clicks": {"click_map", "refiner", "click_consistent", "multi_click"},
+                                  "clicks": {"click_map", "refiner", "refiner_context", "click_consistent",
+                                             "multi_click"},
                                   "in_chans": 1,
                                   "extensions": [{"_target_": "scripts.baselines.ma_sam.MASAMConfig", ...}]},
                       "preprocessing": {"spacing": 1.5, "roi_size": 64, "image_channel": None,
@@ -341,6 +342,8 @@ def same_model(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
     def essential(d: Mapping[str, Any]) -> tuple:
         network = {k: v for k, v in d["network"].items() if k != "preset"}
+        # a file written before a click switch existed has that switch's default
+        network["clicks"] = dataclasses.asdict(ClickConfig(**network.get("clicks", {})))
         return _plain(network), _plain(d["preprocessing"])
 
     return essential(a) == essential(b)
@@ -360,6 +363,7 @@ def network_summary(description: Mapping[str, Any]) -> dict[str, Any]:
         "img_size": network["sizes"]["img_size"],
         "sgpm": network.get("sgpm") is not None,
         **{k: clicks.get(k) for k in ("click_map", "refiner", "click_consistent", "multi_click")},
+        "refiner_context": clicks.get("refiner_context", "local") if clicks.get("refiner") else None,
         "extensions": [e["_target_"].rsplit(".", 1)[-1] for e in network.get("extensions", [])],
         "preprocessing": dict(description["preprocessing"]),
     }

@@ -110,6 +110,7 @@ class ClickConfig:
     Args:
         click_map: add the dense click-map prompt (``click_map.*``, zero-initialised; ``click_prompt.py``).
         refiner: add the high-resolution mask refiner (``refiner.*``, zero-initialised; ``refine.py``).
+        refiner_context: the refiner's reach, ``"local"`` or ``"crop"`` (``MaskRefiner``'s ``context``).
         click_consistent: every round's mask agrees with the clicks: clicked voxels take their label and only the
             components holding a foreground click are kept (``scripts.clicks.click_consistent_logits``). No weights;
             False gives the raw network output, as SAM-Med3D returns it.
@@ -119,6 +120,7 @@ class ClickConfig:
 
     click_map: bool = False
     refiner: bool = False
+    refiner_context: str = "local"
     click_consistent: bool = True
     multi_click: bool = False
 
@@ -219,7 +221,7 @@ def build_network(config: NetworkConfig, extensions: Sequence[Callable[[SGPSAM],
     clicks = None
     if config.clicks.click_map:
         clicks = ClickMapPrompt(cfg["out_chans"], (grid, grid, grid), (cfg["img_size"],) * 3, cfg["mask_in_chans"])
-    refine = MaskRefiner(config.in_chans) if config.clicks.refiner else None
+    refine = MaskRefiner(config.in_chans, context=config.clicks.refiner_context) if config.clicks.refiner else None
     model = SGPSAM(
         encoder,
         prompt_encoder,

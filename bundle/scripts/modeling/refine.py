@@ -38,10 +38,22 @@ class MaskRefiner(nn.Module):
         image_chans: image feature channels (computed once per crop by ``image_features``).
         hidden_chans: channels of the per-round convolutions.
         click_sigma: Gaussian width of the click maps in input voxels.
+        context: ``"local"`` (about 40 voxels around each voxel) or ``"crop"``: also a branch at an eighth of the
+            resolution whose 3^3 convolutions span a 64^3 crop, zero-initialised so a file trained without it loads
+            and computes the same (crop sides must be multiples of 8).
     """
 
-    def __init__(self, in_chans: int = 1, image_chans: int = 16, hidden_chans: int = 16, click_sigma: float = 1.5):
+    def __init__(
+        self,
+        in_chans: int = 1,
+        image_chans: int = 16,
+        hidden_chans: int = 16,
+        click_sigma: float = 1.5,
+        context: str = "local",
+    ):
         super().__init__()
+        if context not in ("local", "crop"):
+            raise ValueError(f"refiner context must be 'local' or 'crop', got {context!r}")
         self.click_sigma = float(click_sigma)
         self.in_chans = int(in_chans)
         self.image_stem = nn.Sequential(
@@ -67,6 +79,8 @@ class MaskRefiner(nn.Module):
             nn.GELU(),
             nn.ConvTranspose3d(2 * h, h, kernel_size=2, stride=2),
         )
+        # the first mask's size is otherwise a set number of voxels, whatever the lesion (docs/experiments.md, 18)
+        self.wide = None if context == "local" else _crop_context(h)
         self.out = nn.Sequential(nn.GELU(), Conv3d(h, SUBVOXELS, kernel_size=3, padding=1))
         nn.init.zeros_(self.out[1].weight)
         nn.init.zeros_(self.out[1].bias)
@@ -140,4 +154,20 @@ class MaskRefiner(nn.Module):
         contrast = [self.intensity_contrast(smooth, clicks[:, :1]), self.intensity_contrast(smooth, prev)]
         prompts = pixelunshuffle(torch.cat([torch.sigmoid(logits), prev, clicks, *contrast], dim=1), 3, 2)
         local = self.prompt_in(torch.cat([features, prompts], dim=1))
-        return logits + pixelshuffle(self.out(local + self.context(local)), 3, 2)
+        context = self.context(local)
+        if self.wide is not None:
+            if any(n % 4 for n in local.shape[2:]):
+                raise ValueError(f"the refiner's crop context needs crop sides that are multiples of 8, got {size}")
+            context = context + self.wide(local)
+        return logits + pixelshuffle(self.out(local + context), 3, 2)
+
+
+def _crop_context(h: int) -> nn.Sequential:
+    """Half resolution -> an eighth -> three 3^3 convolutions (7 voxels = a 64^3 crop) -> back, output zeroed."""
+    layers = [Conv3d(h, 2 * h, kernel_size=4, stride=4), nn.GELU()]
+    for _ in range(3):
+        layers += [Conv3d(2 * h, 2 * h, kernel_size=3, padding=1), nn.GELU()]
+    layers.append(nn.ConvTranspose3d(2 * h, h, kernel_size=4, stride=4))
+    nn.init.zeros_(layers[-1].weight)
+    nn.init.zeros_(layers[-1].bias)
+    return nn.Sequential(*layers)
