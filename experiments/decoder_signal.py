@@ -24,12 +24,9 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "bundle")]
 
 from experiments.first_click_logits import click_component, first_click_logits  # noqa: E402
+from experiments.lesion_source import add_source_arguments, lesions, load_model  # noqa: E402
 from experiments.zoom_out_click import play  # noqa: E402
-from scripts.clicks import SIZE_BINS, lesion_size_bin  # noqa: E402
-from scripts.data.crops import lesion_crops  # noqa: E402
-from scripts.data.folders import folder_datalist  # noqa: E402
-from scripts.data.transforms import get_preprocess_transforms, load_datalist  # noqa: E402
-from scripts.model_file import default_model_path, read_model_file  # noqa: E402
+from scripts.clicks import SIZE_BINS  # noqa: E402
 
 
 def decoder_variants(upscale, gains):
@@ -59,35 +56,21 @@ def logit_stats(network, crop, target) -> list[float]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset_json", help="a data list; its 'test' split is used")
-    source.add_argument("--dataset_dir", help="a folder of image/label pairs")
-    parser.add_argument("--model", default=None, help="model file (default: the shipped default model)")
-    parser.add_argument("--target_label", type=int, default=1)
+    add_source_arguments(parser)
     parser.add_argument("--gains", type=float, nargs="*", default=[2.0])
     args = parser.parse_args(argv)
-    model = read_model_file(args.model or default_model_path())
-    network, pre = model.network.eval(), model.preprocessing
+    network, pre = load_model(args)
     if getattr(network, "refiner", None) is None:
         parser.error("this model has no refiner: its mask is the decoder's")
-    items = load_datalist(args.dataset_json, "test") if args.dataset_json else folder_datalist(args.dataset_dir)
-    pipeline = get_preprocess_transforms(args.target_label, pre.image_channel, pre.ct_clamp, pre.spacing)
     variants = decoder_variants(network.upscale_logits, args.gains)
     sizes, stats, curves = [], [], {name: [] for name in variants}
-    for item in items:
-        data = pipeline({"image": item["image"], "label": item["label"]})
-        for _, num_voxels, _, crop, target in lesion_crops(
-            data["image"], data["label"], pre.roi_size, 3, pre.normalisation
-        ):
-            target = np.asarray(target, dtype=bool)
-            if not target.any():
-                continue
-            sizes.append(lesion_size_bin(num_voxels, pre.spacing))
-            network.upscale_logits = variants["as served"]
-            stats.append(logit_stats(network, crop[None].float(), target))
-            for name, upscale in variants.items():
-                network.upscale_logits = upscale
-                curves[name].append(play(network, crop[None].float(), target, 5, "fine"))
+    for lesion in lesions(args, pre):
+        sizes.append(lesion.size)
+        network.upscale_logits = variants["as served"]
+        stats.append(logit_stats(network, lesion.crop, lesion.target))
+        for name, upscale in variants.items():
+            network.upscale_logits = upscale
+            curves[name].append(play(network, lesion.crop, lesion.target, 5, "fine"))
     network.upscale_logits = variants["as served"]
     report(np.asarray(sizes), np.asarray(stats), {k: np.asarray(v) for k, v in curves.items()})
 

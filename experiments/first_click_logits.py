@@ -21,12 +21,11 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 
-from scripts.clicks import SIZE_BINS, dice, lesion_size_bin  # noqa: E402
-from scripts.data.crops import lesion_crops  # noqa: E402
-from scripts.data.folders import folder_datalist  # noqa: E402
-from scripts.data.transforms import get_preprocess_transforms, load_datalist  # noqa: E402
-from scripts.model_file import default_model_path, read_model_file  # noqa: E402
+from scripts.clicks import SIZE_BINS, dice  # noqa: E402
 from scripts.training.click_rounds import evaluation_clicks  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lesion_source import add_source_arguments, lesions, load_model  # noqa: E402
 
 
 def click_component(logits: np.ndarray, threshold: float, point: tuple[int, int, int]) -> np.ndarray:
@@ -49,29 +48,15 @@ def first_click_logits(
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset_json", help="a data list; its 'test' split is used")
-    source.add_argument("--dataset_dir", help="a folder of image/label pairs")
-    parser.add_argument("--model", default=None, help="model file (default: the shipped default model)")
-    parser.add_argument("--target_label", type=int, default=1)
+    add_source_arguments(parser)
     parser.add_argument("--ladder", type=float, nargs="+", default=[0.5, 0.0, -0.5, -1.0, -2.0, -3.0])
     parser.add_argument("--before_refiner", action="store_true", help="cut the decoder's upsampled logits")
     args = parser.parse_args(argv)
-    model = read_model_file(args.model or default_model_path())
-    network, pre = model.network.eval(), model.preprocessing
-    items = load_datalist(args.dataset_json, "test") if args.dataset_json else folder_datalist(args.dataset_dir)
-    pipeline = get_preprocess_transforms(args.target_label, pre.image_channel, pre.ct_clamp, pre.spacing)
+    network, pre = load_model(args)
     scores: dict[str, list[list[float]]] = {b: [] for b in SIZE_BINS}
-    for item in items:
-        data = pipeline({"image": item["image"], "label": item["label"]})
-        for _, num_voxels, _, crop, target in lesion_crops(
-            data["image"], data["label"], pre.roi_size, 3, pre.normalisation
-        ):
-            target = np.asarray(target, dtype=bool)
-            if target.any():
-                logits, point = first_click_logits(network, crop[None].float(), target, args.before_refiner)
-                row = [dice(click_component(logits, t, point), target) for t in args.ladder]
-                scores[lesion_size_bin(num_voxels, pre.spacing)].append(row)
+    for lesion in lesions(args, pre):
+        logits, point = first_click_logits(network, lesion.crop, lesion.target, args.before_refiner)
+        scores[lesion.size].append([dice(click_component(logits, t, point), lesion.target) for t in args.ladder])
     print("| size | lesions | " + " | ".join(f"Dice@1 at {t:+.1f} (%)" for t in args.ladder) + " |")
     print("|---" * (len(args.ladder) + 2) + "|")
     for size, rows in scores.items():

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 
-from scripts.clicks import SIZE_BINS, dice, lesion_size_bin, next_eval_click  # noqa: E402
-from scripts.data.crops import crop_at, lesion_crops, normalise_crop  # noqa: E402
-from scripts.data.folders import folder_datalist  # noqa: E402
-from scripts.data.transforms import get_preprocess_transforms, load_datalist  # noqa: E402
-from scripts.model_file import default_model_path, read_model_file  # noqa: E402
+from scripts.clicks import SIZE_BINS, dice, next_eval_click  # noqa: E402
+from scripts.data.crops import crop_at, normalise_crop  # noqa: E402
 from scripts.training.click_rounds import _append_clicks, decoder_clicks, initial_mask_prompt, shown_logits  # noqa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lesion_source import add_source_arguments, lesions, load_model  # noqa: E402
 
 STARTS = ("fine", "coarse", "primed", "coarse_all")
 
@@ -77,7 +77,9 @@ def coarse_round(network, image: torch.Tensor, point, size: int):
 
 @torch.inference_mode()
 def play(network, image, target, num_clicks, start: str, coarse=None) -> list[float]:
-    """Dice after clicks 1..num_clicks from the given round-one start (see the module docstring)."""
+    """Dice after clicks 1..num_clicks from the given start (see the module docstring); ``coarse``: the
+    ``coarse_round`` output (``coarse``, ``primed``); for ``coarse_all`` ``image`` is the ``coarse_image``."""
+    size, on_coarse = target.shape[0], start == "coarse_all"
     embedding, features = network.encode(image), network.refine_features(image)
     prev_low, full = initial_mask_prompt(network, 1, "cpu"), None
     history, pred, scores = (None, None), np.zeros_like(target), []
@@ -86,7 +88,8 @@ def play(network, image, target, num_clicks, start: str, coarse=None) -> list[fl
         if click is None:
             scores.append(scores[-1])
             continue
-        points, labels = _point(click[0]), torch.as_tensor([[int(click[1])]])
+        points = to_coarse(click[0], size) if on_coarse else _point(click[0])
+        labels = torch.as_tensor([[int(click[1])]])
         history = _append_clicks(history, points, labels)
         if index == 0 and start == "coarse":
             full, prev_low = coarse
@@ -94,58 +97,24 @@ def play(network, image, target, num_clicks, start: str, coarse=None) -> list[fl
             if index == 0 and start == "primed":
                 full, prev_low = coarse
             prev_low, _ = network.decode(embedding, *decoder_clicks(network, (points, labels), history), prev_low)
-            full = network.full_res_logits(prev_low.float(), target.shape, features, full, *history)
+            full = network.full_res_logits(prev_low.float(), (size,) * 3, features, full, *history)
             full = shown_logits(network, full, *history)
-        pred = (full > 0)[0, 0].numpy()
+        pred = ((to_fine(full) if on_coarse else full) > 0)[0, 0].numpy()
         scores.append(float(dice(pred, target)))
     return scores
 
 
-@torch.inference_mode()
-def play_coarse(network, image: torch.Tensor, target: np.ndarray, num_clicks: int) -> list[float]:
-    """Dice after clicks 1..num_clicks when every round runs on ``coarse_image`` (clicks chosen on the fine crop)."""
-    size = target.shape[0]
-    embedding, features = network.encode(image), network.refine_features(image)
-    prev_low, full = initial_mask_prompt(network, 1, "cpu"), None
-    history, pred, scores = (None, None), np.zeros_like(target), []
-    for _ in range(num_clicks):
-        click = next_eval_click(pred, target)
-        if click is None:
-            scores.append(scores[-1])
-            continue
-        points, labels = to_coarse(click[0], size), torch.as_tensor([[int(click[1])]])
-        history = _append_clicks(history, points, labels)
-        prev_low, _ = network.decode(embedding, *decoder_clicks(network, (points, labels), history), prev_low)
-        full = network.full_res_logits(prev_low.float(), (size,) * 3, features, full, *history)
-        full = shown_logits(network, full, *history)
-        pred = (to_fine(full) > 0)[0, 0].numpy()
-        scores.append(float(dice(pred, target)))
-    return scores
-
-
-def lesion_rows(model, items, target_label: int, num_clicks: int):
-    network, pre = model.network.eval(), model.preprocessing
-    pipeline = get_preprocess_transforms(target_label, pre.image_channel, pre.ct_clamp, pre.spacing)
-    for item in items:
-        data = pipeline({"image": item["image"], "label": item["label"]})
-        for _, num_voxels, start, crop, target in lesion_crops(
-            data["image"], data["label"], pre.roi_size, 3, pre.normalisation
-        ):
-            target = np.asarray(target, dtype=bool)
-            if not target.any():
-                continue
-            first = next_eval_click(np.zeros_like(target), target)[0]
-            wide = coarse_image(data["image"], start, pre.roi_size, pre.normalisation)
-            coarse = coarse_round(network, wide, first, pre.roi_size)
-            coarse_mask = (coarse[0] > 0)[0, 0].numpy()
-            row = {
-                "size": lesion_size_bin(num_voxels, pre.spacing),
-                "coarse_mm": (6.0 * coarse_mask.sum() * pre.spacing**3 / math.pi) ** (1 / 3),
-            }
-            row["coarse_all"] = play_coarse(network, wide, target, num_clicks)
-            for name in STARTS[:3]:
-                row[name] = play(network, crop[None].float(), target, num_clicks, name, coarse)
-            yield row
+def lesion_row(network, pre, lesion, num_clicks: int) -> dict:
+    """{"size", "coarse_mm": the coarse first mask's equivalent diameter, and each start's Dice after 1..k clicks}."""
+    first = next_eval_click(np.zeros_like(lesion.target), lesion.target)[0]
+    wide = coarse_image(lesion.volume, lesion.start, pre.roi_size, pre.normalisation)
+    coarse = coarse_round(network, wide, first, pre.roi_size)
+    voxels = float((coarse[0] > 0).sum())
+    row = {"size": lesion.size, "coarse_mm": (6.0 * voxels * pre.spacing**3 / math.pi) ** (1 / 3)}
+    row["coarse_all"] = play(network, wide, lesion.target, num_clicks, "coarse_all")
+    for name in STARTS[:3]:
+        row[name] = play(network, lesion.crop, lesion.target, num_clicks, name, coarse)
+    return row
 
 
 def report(rows: list[dict], rule_mm: list[float]) -> None:
@@ -175,18 +144,13 @@ def report(rows: list[dict], rule_mm: list[float]) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset_json", help="a data list; its 'test' split is used")
-    source.add_argument("--dataset_dir", help="a folder of image/label pairs")
-    parser.add_argument("--model", default=None, help="model file (default: the shipped default model)")
-    parser.add_argument("--target_label", type=int, default=1)
+    add_source_arguments(parser)
     parser.add_argument("--clicks", type=int, default=5)
     parser.add_argument("--rule_mm", type=float, nargs="+", default=[20.0, 30.0, 40.0, 50.0])
     parser.add_argument("--output", default=None, help="write the per-lesion rows as JSON")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
-    items = load_datalist(args.dataset_json, "test") if args.dataset_json else folder_datalist(args.dataset_dir)
-    rows = list(lesion_rows(read_model_file(args.model or default_model_path()), items, args.target_label, args.clicks))
+    network, pre = load_model(args)
+    rows = [lesion_row(network, pre, lesion, args.clicks) for lesion in lesions(args, pre)]
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=1))
     report(rows, args.rule_mm)

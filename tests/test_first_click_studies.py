@@ -59,7 +59,7 @@ def test_both_coarse_paths_play_the_same_first_round(nodule):
     full, low = zoom_out_click.coarse_round(network, wide, first, pre.roi_size)
     assert full.shape[2:] == target.shape and low.shape[2:] == network.low_res_size
     first_dice = dice((full > 0)[0, 0].numpy(), target)
-    assert zoom_out_click.play_coarse(network, wide, target, 2)[0] == pytest.approx(first_dice, abs=1e-6)
+    assert zoom_out_click.play(network, wide, target, 2, "coarse_all")[0] == pytest.approx(first_dice, abs=1e-6)
 
 
 def test_decoder_variants_keep_or_flatten_the_decoder_pattern(nodule):
