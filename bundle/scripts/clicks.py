@@ -92,9 +92,11 @@ def central_region(target: torch.Tensor, depth_fraction: float = 0.5) -> torch.T
         ``(B, 1, X, Y, Z)`` bool on the target's device; empty where the target is empty.
     """
     masks = target[:, 0].detach().bool().cpu().numpy()
-    inner = (slice(1, -1),) * 3
-    depth = [distance_transform_edt(np.pad(m, 1))[inner].astype(np.float32) for m in masks]
-    depth = torch.stack([torch.from_numpy(np.ascontiguousarray(d)) for d in depth])
+    depth = torch.zeros(masks.shape, dtype=torch.float32)
+    for row, mask in zip(depth, masks):
+        if mask.any():
+            box, box_depth = _depth_in_box(mask, None)
+            row[box] = torch.from_numpy(box_depth.astype(np.float32))
     deepest = depth.flatten(1).amax(1).view(-1, 1, 1, 1)
     return ((depth >= depth_fraction * deepest) & (depth > 0))[:, None].to(target.device)
 
@@ -134,13 +136,22 @@ def training_round_schedule(
 # ----------------------------------------------------------------------------------------------------------------
 # evaluation protocol
 # ----------------------------------------------------------------------------------------------------------------
-def _deepest_point(region: np.ndarray, spacing: Sequence[float] | None) -> tuple[np.ndarray | None, float]:
-    """Deepest voxel of ``region`` with the crop border counted as outside.
+def _depth_in_box(region: np.ndarray, spacing: Sequence[float] | None) -> tuple[tuple[slice, ...], np.ndarray]:
+    """Distance of every voxel of a non-empty ``region``'s bounding box to the nearest voxel outside the region,
+    the crop border counted as outside: (the box's slices, distances of the box's shape; 0 outside the region).
 
-    The EDT runs on the region's bounding box padded by one background voxel: that pad plays the crop border
-    where the box touches it, and elsewhere it is background anyway, so distances equal those of the full
-    volume padded by one voxel (the nearest outside voxel is never beyond the padded box) at a fraction of the
-    cost. Ties go to the lowest flat index, which translation of the box does not change (C order).
+    The EDT runs on the bounding box padded by one background voxel: that pad plays the crop border where the box
+    touches it, and elsewhere it is background anyway, so distances equal those of the full volume padded by one
+    voxel (the nearest outside voxel is never beyond the padded box) at a fraction of the cost.
+    """
+    idx = np.nonzero(region)
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
+    return box, distance_transform_edt(np.pad(region[box], 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+
+
+def _deepest_point(region: np.ndarray, spacing: Sequence[float] | None) -> tuple[np.ndarray | None, float]:
+    """Deepest voxel of ``region`` with the crop border counted as outside (:func:`_depth_in_box`). Ties go to the
+    lowest flat index, which translation of the box does not change (C order).
 
     Args:
         region: ``(X, Y, Z)`` bool.
@@ -151,13 +162,9 @@ def _deepest_point(region: np.ndarray, spacing: Sequence[float] | None) -> tuple
     """
     if not region.any():
         return None, 0.0
-    idx = np.nonzero(region)
-    lo = np.array([i.min() for i in idx])
-    hi = np.array([i.max() for i in idx]) + 1
-    box = region[tuple(slice(a, b) for a, b in zip(lo, hi))]
-    dist = distance_transform_edt(np.pad(box, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+    box, dist = _depth_in_box(region, spacing)
     flat = int(np.argmax(dist))  # first maximum = lowest flat index
-    point = np.array(np.unravel_index(flat, box.shape), dtype=np.int64) + lo
+    point = np.array(np.unravel_index(flat, dist.shape), dtype=np.int64) + [s.start for s in box]
     return point, float(dist.flat[flat])
 
 

@@ -337,13 +337,17 @@ def build_from_file(path: str | os.PathLike) -> nn.Module:
     return build_from_description(read_description(path)["network"])
 
 
+def _click_switches(network: Mapping[str, Any]) -> dict[str, Any]:
+    """A description's click switches in full: a file written before a switch existed has that switch's default."""
+    return dataclasses.asdict(ClickConfig(**network.get("clicks", {})))
+
+
 def same_model(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     """Whether two descriptions give the same network and preprocessing (the informative preset name aside)."""
 
     def essential(d: Mapping[str, Any]) -> tuple:
         network = {k: v for k, v in d["network"].items() if k != "preset"}
-        # a file written before a click switch existed has that switch's default
-        network["clicks"] = dataclasses.asdict(ClickConfig(**network.get("clicks", {})))
+        network["clicks"] = _click_switches(network)
         return _plain(network), _plain(d["preprocessing"])
 
     return essential(a) == essential(b)
@@ -357,13 +361,14 @@ def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu")
 
 def network_summary(description: Mapping[str, Any]) -> dict[str, Any]:
     """Short, JSON-ready view of a description (what ``/info`` and logs show)."""
-    network, clicks = description["network"], description["network"]["clicks"]
+    network = description["network"]
+    clicks = _click_switches(network)
     return {
         "preset": network.get("preset"),
         "img_size": network["sizes"]["img_size"],
         "sgpm": network.get("sgpm") is not None,
         **{k: clicks.get(k) for k in ("click_map", "refiner", "click_consistent", "multi_click")},
-        "refiner_context": clicks.get("refiner_context", "local") if clicks.get("refiner") else None,
+        "refiner_context": clicks["refiner_context"] if clicks["refiner"] else None,
         "extensions": [e["_target_"].rsplit(".", 1)[-1] for e in network.get("extensions", [])],
         "preprocessing": dict(description["preprocessing"]),
     }

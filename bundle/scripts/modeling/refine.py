@@ -89,6 +89,8 @@ class MaskRefiner(nn.Module):
         """images (B, C, S, S, S), S even -> features (B, 8C + F, S/2, S/2, S/2): image sub-voxels, then stem output."""
         if any(n % 2 for n in images.shape[2:]):
             raise ValueError(f"the refiner needs an even crop size, got {tuple(images.shape[2:])}")
+        if self.wide is not None and any(n % 8 for n in images.shape[2:]):
+            raise ValueError(f"the refiner's crop context needs crop sides that are multiples of 8, got {images.shape}")
         sub = pixelunshuffle(images, 3, 2)
         return torch.cat([sub, self.image_stem(sub)], dim=1)
 
@@ -155,9 +157,7 @@ class MaskRefiner(nn.Module):
         prompts = pixelunshuffle(torch.cat([torch.sigmoid(logits), prev, clicks, *contrast], dim=1), 3, 2)
         local = self.prompt_in(torch.cat([features, prompts], dim=1))
         context = self.context(local)
-        if self.wide is not None:
-            if any(n % 4 for n in local.shape[2:]):
-                raise ValueError(f"the refiner's crop context needs crop sides that are multiples of 8, got {size}")
+        if self.wide is not None:  # crop sides checked once per crop, in image_features
             context = context + self.wide(local)
         return logits + pixelshuffle(self.out(local + context), 3, 2)
 
