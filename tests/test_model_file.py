@@ -43,6 +43,7 @@ def test_round_trip_rebuilds_exactly_the_saved_network(tmp_path):
         "click_map": True,
         "refiner": True,
         "refiner_context": "local",
+        "refiner_geodesic": False,
         "click_consistent": True,
         "multi_click": True,
     }
@@ -161,11 +162,15 @@ def test_shipped_default_model_is_a_model_file():
 
 
 def test_a_file_from_before_a_click_switch_is_the_same_model_as_one_with_its_default(tmp_path):
-    """The shipped file predates ``refiner_context``: the app must still accept a model it trains from it."""
+    """The shipped file predates ``refiner_context`` and ``refiner_geodesic``: the app must still accept a model it
+    trains from it."""
     path = save_model_file(_tiny(), ROBUST_64, tmp_path / "model.pt")
     now = read_description(path)
     older = {**now, "network": {**now["network"], "clicks": dict(now["network"]["clicks"])}}
     del older["network"]["clicks"]["refiner_context"]
+    del older["network"]["clicks"]["refiner_geodesic"]
     assert same_model(older, now)
     wider = {**now, "network": {**now["network"], "clicks": {**now["network"]["clicks"], "refiner_context": "crop"}}}
     assert not same_model(wider, now)
+    geodesic = {**now, "network": {**now["network"], "clicks": {**now["network"]["clicks"], "refiner_geodesic": True}}}
+    assert not same_model(geodesic, now)

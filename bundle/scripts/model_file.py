@@ -12,8 +12,8 @@ strings, numbers, booleans and None only, so reading a file never runs pickled c
                       "network": {"preset": "tiny" (informative; None if the sizes match no preset),
                                   "sizes": {img_size, patch_size, embed_dim, ...},  # scripts.modeling.PRESETS keys
                                   "sgpm": {"gate_mode", "gate_threshold", "fuse_depths"} or None,
-                                  "clicks": {"click_map", "refiner", "refiner_context", "click_consistent",
-                                             "multi_click"},
+                                  "clicks": {"click_map", "refiner", "refiner_context", "refiner_geodesic",
+                                             "click_consistent", "multi_click"},
                                   "in_chans": 1,
                                   "extensions": [{"_target_": "scripts.baselines.ma_sam.MASAMConfig", ...}]},
                       "preprocessing": {"spacing": 1.5, "roi_size": 64, "image_channel": None,
@@ -369,6 +369,7 @@ def network_summary(description: Mapping[str, Any]) -> dict[str, Any]:
         "sgpm": network.get("sgpm") is not None,
         **{k: clicks.get(k) for k in ("click_map", "refiner", "click_consistent", "multi_click")},
         "refiner_context": clicks["refiner_context"] if clicks["refiner"] else None,
+        "refiner_geodesic": clicks["refiner_geodesic"] if clicks["refiner"] else None,
         "extensions": [e["_target_"].rsplit(".", 1)[-1] for e in network.get("extensions", [])],
         "preprocessing": dict(description["preprocessing"]),
     }

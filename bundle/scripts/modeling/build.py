@@ -111,6 +111,8 @@ class ClickConfig:
         click_map: add the dense click-map prompt (``click_map.*``, zero-initialised; ``click_prompt.py``).
         refiner: add the high-resolution mask refiner (``refiner.*``, zero-initialised; ``refine.py``).
         refiner_context: the refiner's reach, ``"local"`` or ``"crop"`` (``MaskRefiner``'s ``context``).
+        refiner_geodesic: the refiner also takes geodesic distance maps of the clicks (``MaskRefiner``'s
+            ``geodesic``; ``geodesic.py``).
         click_consistent: every round's mask agrees with the clicks: clicked voxels take their label and only the
             components holding a foreground click are kept (``scripts.clicks.click_consistent_logits``). No weights;
             False gives the raw network output, as SAM-Med3D returns it.
@@ -121,6 +123,7 @@ class ClickConfig:
     click_map: bool = False
     refiner: bool = False
     refiner_context: str = "local"
+    refiner_geodesic: bool = False
     click_consistent: bool = True
     multi_click: bool = False
 
@@ -221,7 +224,11 @@ def build_network(config: NetworkConfig, extensions: Sequence[Callable[[SGPSAM],
     clicks = None
     if config.clicks.click_map:
         clicks = ClickMapPrompt(cfg["out_chans"], (grid, grid, grid), (cfg["img_size"],) * 3, cfg["mask_in_chans"])
-    refine = MaskRefiner(config.in_chans, context=config.clicks.refiner_context) if config.clicks.refiner else None
+    refine = None
+    if config.clicks.refiner:
+        refine = MaskRefiner(
+            config.in_chans, context=config.clicks.refiner_context, geodesic=config.clicks.refiner_geodesic
+        )
     model = SGPSAM(
         encoder,
         prompt_encoder,

@@ -23,11 +23,13 @@ from torch import nn
 
 from .click_prompt import click_heat_maps
 from .common import Conv3d
+from .geodesic import click_geodesic_maps
 
 # upsampled decoder probability, previous refined probability, positive and negative click maps, and the image's
 # contrast to the tissue under the positive clicks and to the tissue inside the previous mask
 PROMPT_CHANS = 6
 SUBVOXELS = 8  # 2 x 2 x 2
+GEODESIC_SCALES = (4.0, 16.0)  # half-res voxels of homogeneous tissue; an edge of median change adds 10
 
 
 class MaskRefiner(nn.Module):
@@ -41,6 +43,8 @@ class MaskRefiner(nn.Module):
         context: ``"local"`` (about 40 voxels around each voxel) or ``"crop"``: also a branch at an eighth of the
             resolution whose 3^3 convolutions span a 64^3 crop, zero-initialised so a file trained without it loads
             and computes the same (crop sides must be multiples of 8).
+        geodesic: also take geodesic distance maps of the clicks (``geodesic.py``) through a zero-initialised
+            input, so a file trained without them loads and computes the same.
     """
 
     def __init__(
@@ -50,6 +54,7 @@ class MaskRefiner(nn.Module):
         hidden_chans: int = 16,
         click_sigma: float = 1.5,
         context: str = "local",
+        geodesic: bool = False,
     ):
         super().__init__()
         if context not in ("local", "crop"):
@@ -69,6 +74,13 @@ class MaskRefiner(nn.Module):
             Conv3d(h, h, kernel_size=3, padding=1),
             nn.GELU(),
         )
+        # geodesic maps join the first convolution's output: the same as extra input columns, but a separate
+        # module, so files trained without it keep their keys and shapes
+        self.geodesic_in = None
+        if geodesic:
+            self.geodesic_in = Conv3d(2 * len(GEODESIC_SCALES), h, kernel_size=1)
+            nn.init.zeros_(self.geodesic_in.weight)
+            nn.init.zeros_(self.geodesic_in.bias)
         # context at a quarter resolution: what the lesion around the click looks like (receptive field ~ 40 voxels)
         self.context = nn.Sequential(
             Conv3d(h, 2 * h, kernel_size=2, stride=2),
@@ -105,6 +117,14 @@ class MaskRefiner(nn.Module):
         total = weights.flatten(1).sum(1)
         reference = (smooth * weights).flatten(1).sum(1) / total.clamp_min(1e-6)
         return torch.where(total[:, None, None, None, None] > 1e-3, smooth - reference[:, None, None, None, None], 0.0)
+
+    def geodesic_maps(self, features: torch.Tensor, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B, 2 * len(GEODESIC_SCALES), S/2, S/2, S/2) geodesic maps of the clicks over the first image channel,
+        averaged over each 2^3 block (the sub-voxels) and smoothed like the contrast channels."""
+        if features.shape[0] > 1 and features.stride(0) == 0:  # one crop broadcast over the prompts
+            features = features[:1]
+        half = self.local_mean(features[:, :SUBVOXELS].float().mean(1, keepdim=True))
+        return click_geodesic_maps(half, points, labels, GEODESIC_SCALES)
 
     @staticmethod
     def local_mean(image: torch.Tensor) -> torch.Tensor:
@@ -155,7 +175,10 @@ class MaskRefiner(nn.Module):
         smooth = self.local_mean(image)
         contrast = [self.intensity_contrast(smooth, clicks[:, :1]), self.intensity_contrast(smooth, prev)]
         prompts = pixelunshuffle(torch.cat([torch.sigmoid(logits), prev, clicks, *contrast], dim=1), 3, 2)
-        local = self.prompt_in(torch.cat([features, prompts], dim=1))
+        local = self.prompt_in[0](torch.cat([features, prompts], dim=1))
+        if self.geodesic_in is not None and points is not None and points.shape[1]:
+            local = local + self.geodesic_in(self.geodesic_maps(features, points, labels).to(local.dtype))
+        local = self.prompt_in[1:](local)
         context = self.context(local)
         if self.wide is not None:  # crop sides checked once per crop, in image_features
             context = context + self.wide(local)
