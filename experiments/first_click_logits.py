@@ -5,8 +5,11 @@ evaluation crop gets one click at the lesion's deepest point; the script prints,
 connected component holding the click when the full-resolution logits are cut at each threshold of ``--ladder``.
 A threshold that helps large lesions and hurts small ones shows a calibration problem no global shift can fix.
 ``--before_refiner`` cuts the mask decoder's upsampled logits instead, to tell which part holds the mask back.
+``--geodesic`` cuts, instead of logits, the geodesic distance from the click that the refiner's
+``network_def#refiner_geodesic`` maps are made of (``distance < threshold``, ladder in distance units): how much of
+a lesion the image alone outlines from one click.
 
-    python experiments/first_click_logits.py --dataset_json VALIDATION_AS_TEST.json [--before_refiner]
+    python experiments/first_click_logits.py --dataset_json VALIDATION_AS_TEST.json [--before_refiner | --geodesic]
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 
 from scripts.clicks import SIZE_BINS, dice  # noqa: E402
+from scripts.modeling.geodesic import edge_costs, geodesic_distance  # noqa: E402
+from scripts.modeling.refine import MaskRefiner  # noqa: E402
 from scripts.training.click_rounds import evaluation_clicks  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,18 +51,34 @@ def first_click_logits(
     return logits[0, 0].float().cpu().numpy(), result["points"][0]
 
 
+def click_distance(image: torch.Tensor, point: tuple[int, int, int]) -> np.ndarray:
+    """(S, S, S) geodesic distance from ``point`` over the crop ``image`` (1, 1, S, S, S), as the refiner computes
+    it on its half-res grid (2^3 means, smoothed), repeated back to the crop's voxels."""
+    half = MaskRefiner.local_mean(torch.nn.functional.avg_pool3d(image.float()[:, :1], 2))
+    seeds = torch.zeros_like(half, dtype=torch.bool)
+    seeds[(0, 0, *(p // 2 for p in point))] = True
+    distance = geodesic_distance(seeds, edge_costs(half))
+    return distance[0, 0].repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2).numpy()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_source_arguments(parser)
     parser.add_argument("--ladder", type=float, nargs="+", default=[0.5, 0.0, -0.5, -1.0, -2.0, -3.0])
-    parser.add_argument("--before_refiner", action="store_true", help="cut the decoder's upsampled logits")
+    cut = parser.add_mutually_exclusive_group()
+    cut.add_argument("--before_refiner", action="store_true", help="cut the decoder's upsampled logits")
+    cut.add_argument("--geodesic", action="store_true", help="cut the geodesic distance from the click (< ladder)")
     args = parser.parse_args(argv)
     network, pre = load_model(args)
     scores: dict[str, list[list[float]]] = {b: [] for b in SIZE_BINS}
+    ladder = [-t for t in args.ladder] if args.geodesic else args.ladder  # distance < t: -distance > -t
     for lesion in lesions(args, pre):
         logits, point = first_click_logits(network, lesion.crop, lesion.target, args.before_refiner)
-        scores[lesion.size].append([dice(click_component(logits, t, point), lesion.target) for t in args.ladder])
-    print("| size | lesions | " + " | ".join(f"Dice@1 at {t:+.1f} (%)" for t in args.ladder) + " |")
+        if args.geodesic:
+            logits = -click_distance(lesion.crop, point)
+        scores[lesion.size].append([dice(click_component(logits, t, point), lesion.target) for t in ladder])
+    cut = "distance <" if args.geodesic else "at"
+    print("| size | lesions | " + " | ".join(f"Dice@1 {cut} {t:+.1f} (%)" for t in args.ladder) + " |")
     print("|---" * (len(args.ladder) + 2) + "|")
     for size, rows in scores.items():
         cells = [f"{100 * v:.1f}" for v in np.mean(rows, axis=0)] if rows else ["-"] * len(args.ladder)

@@ -1,5 +1,5 @@
-"""experiments/zoom_out_click.py and experiments/decoder_signal.py: their geometry and that they replay the bundle's
-evaluation protocol, on the vendored real CT nodule with the shipped default model."""
+"""experiments/zoom_out_click.py, decoder_signal.py and first_click_logits.py: their geometry and that they replay the
+bundle's evaluation protocol, on the vendored real CT nodule with the shipped default model."""
 
 import sys
 
@@ -10,7 +10,7 @@ import torch
 from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))
-from experiments import decoder_signal, zoom_out_click  # noqa: E402
+from experiments import decoder_signal, first_click_logits, zoom_out_click  # noqa: E402
 from scripts.clicks import dice  # noqa: E402
 from scripts.data.crops import lesion_crops  # noqa: E402
 from scripts.data.transforms import get_preprocess_transforms  # noqa: E402
@@ -71,3 +71,13 @@ def test_decoder_variants_keep_or_flatten_the_decoder_pattern(nodule):
     assert flat.std() < 1e-6 and flat.mean() == pytest.approx(float(served.mean()), abs=1e-5)
     spread = float((served - served.mean()).abs().max())
     assert float((doubled - doubled.mean()).abs().max()) == pytest.approx(2 * spread, rel=1e-4)
+
+
+def test_geodesic_distance_from_the_click_outlines_the_nodule(nodule):
+    """The image alone outlines this CT nodule from one click, when crossing its edge costs distance."""
+    network, _, _, _, image, target = nodule
+    point = evaluation_clicks(network, image, target, 1)["points"][0]
+    distance = first_click_logits.click_distance(image, point)
+    assert distance.shape == target.shape and distance[point] == 0
+    cut = {t: dice(first_click_logits.click_component(-distance, -t, point), target) for t in (2, 16)}
+    assert cut[16] > 0.6 > 0.3 > cut[2]  # near the click only a core; at 16 the nodule and little else
