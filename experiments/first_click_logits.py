@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 
 from scripts.clicks import SIZE_BINS, dice  # noqa: E402
 from scripts.modeling.geodesic import edge_costs, geodesic_distance  # noqa: E402
-from scripts.modeling.refine import MaskRefiner  # noqa: E402
 from scripts.training.click_rounds import evaluation_clicks  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,10 +50,11 @@ def first_click_logits(
     return logits[0, 0].float().cpu().numpy(), result["points"][0]
 
 
-def click_distance(image: torch.Tensor, point: tuple[int, int, int]) -> np.ndarray:
-    """(S, S, S) geodesic distance from ``point`` over the crop ``image`` (1, 1, S, S, S), as the refiner computes
-    it on its half-res grid (2^3 means, smoothed), repeated back to the crop's voxels."""
-    half = MaskRefiner.local_mean(torch.nn.functional.avg_pool3d(image.float()[:, :1], 2))
+@torch.inference_mode()
+def click_distance(network, image: torch.Tensor, point: tuple[int, int, int]) -> np.ndarray:
+    """(S, S, S) geodesic distance from ``point`` over the crop ``image`` (1, 1, S, S, S), measured on the image
+    the refiner's geodesic maps use (``MaskRefiner.geodesic_image``), repeated back to the crop's voxels."""
+    half = network.refiner.geodesic_image(network.refine_features(image))
     seeds = torch.zeros_like(half, dtype=torch.bool)
     seeds[(0, 0, *(p // 2 for p in point))] = True
     distance = geodesic_distance(seeds, edge_costs(half))
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     for lesion in lesions(args, pre):
         logits, point = first_click_logits(network, lesion.crop, lesion.target, args.before_refiner)
         if args.geodesic:
-            logits = -click_distance(lesion.crop, point)
+            logits = -click_distance(network, lesion.crop, point)
         scores[lesion.size].append([dice(click_component(logits, t, point), lesion.target) for t in ladder])
     cut = "distance <" if args.geodesic else "at"
     print("| size | lesions | " + " | ".join(f"Dice@1 {cut} {t:+.1f} (%)" for t in args.ladder) + " |")

@@ -77,7 +77,7 @@ def test_geodesic_distance_from_the_click_outlines_the_nodule(nodule):
     """The image alone outlines this CT nodule from one click, when crossing its edge costs distance."""
     network, _, _, _, image, target = nodule
     point = evaluation_clicks(network, image, target, 1)["points"][0]
-    distance = first_click_logits.click_distance(image, point)
+    distance = first_click_logits.click_distance(network, image, point)
     assert distance.shape == target.shape and distance[point] == 0
     cut = {t: dice(first_click_logits.click_component(-distance, -t, point), target) for t in (2, 16)}
     assert cut[16] > 0.6 > 0.3 > cut[2]  # near the click only a core; at 16 the nodule and little else

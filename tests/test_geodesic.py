@@ -89,7 +89,7 @@ def test_maps_of_one_crop_broadcast_over_prompts(batch):
     features = refiner.image_features(torch.randn(1, 1, 32, 32, 32))
     points = torch.tensor([[[3, 4, 5]], [[20, 21, 22]], [[9, 9, 30]]])[:batch]
     labels = torch.ones(batch, 1, dtype=torch.long)
-    broadcast = refiner.geodesic_maps(features.expand(batch, -1, -1, -1, -1), points, labels)
+    broadcast = refiner.geodesic_maps(features, points, labels)  # one crop, a batch of prompts
     for row in range(batch):
         single = refiner.geodesic_maps(features, points[row : row + 1], labels[row : row + 1])
         assert torch.equal(broadcast[row : row + 1], single)

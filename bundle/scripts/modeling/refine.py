@@ -118,13 +118,15 @@ class MaskRefiner(nn.Module):
         reference = (smooth * weights).flatten(1).sum(1) / total.clamp_min(1e-6)
         return torch.where(total[:, None, None, None, None] > 1e-3, smooth - reference[:, None, None, None, None], 0.0)
 
+    def geodesic_image(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S/2, S/2, S/2) the image the geodesic maps are measured on: the first channel's 2^3 means
+        (its sub-voxels in ``features``), smoothed like the contrast channels."""
+        return self.local_mean(features[:, :SUBVOXELS].float().mean(1, keepdim=True))
+
     def geodesic_maps(self, features: torch.Tensor, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(B, 2 * len(GEODESIC_SCALES), S/2, S/2, S/2) geodesic maps of the clicks over the first image channel,
-        averaged over each 2^3 block (the sub-voxels) and smoothed like the contrast channels."""
-        if features.shape[0] > 1 and features.stride(0) == 0:  # one crop broadcast over the prompts
-            features = features[:1]
-        half = self.local_mean(features[:, :SUBVOXELS].float().mean(1, keepdim=True))
-        return click_geodesic_maps(half, points, labels, GEODESIC_SCALES)
+        """(B, 2 * len(GEODESIC_SCALES), S/2, S/2, S/2) geodesic maps of the clicks (features of batch 1 broadcast
+        over the clicks' batch)."""
+        return click_geodesic_maps(self.geodesic_image(features), points, labels, GEODESIC_SCALES)
 
     @staticmethod
     def local_mean(image: torch.Tensor) -> torch.Tensor:
@@ -170,14 +172,17 @@ class MaskRefiner(nn.Module):
             clicks = logits.new_zeros((batch, 2, *size))
         else:
             clicks = click_heat_maps(points, labels, size, size, self.click_sigma).to(logits.dtype)
+        geodesic = None
+        if self.geodesic_in is not None and points is not None and points.shape[1]:
+            geodesic = self.geodesic_maps(features, points, labels)  # before the crop is repeated per prompt
         features = features.expand(batch, -1, -1, -1, -1).to(logits.dtype)
         image = pixelshuffle(features[:, : self.in_chans * SUBVOXELS], 3, 2)[:, :1]
         smooth = self.local_mean(image)
         contrast = [self.intensity_contrast(smooth, clicks[:, :1]), self.intensity_contrast(smooth, prev)]
         prompts = pixelunshuffle(torch.cat([torch.sigmoid(logits), prev, clicks, *contrast], dim=1), 3, 2)
         local = self.prompt_in[0](torch.cat([features, prompts], dim=1))
-        if self.geodesic_in is not None and points is not None and points.shape[1]:
-            local = local + self.geodesic_in(self.geodesic_maps(features, points, labels).to(local.dtype))
+        if geodesic is not None:
+            local = local + self.geodesic_in(geodesic.to(local.dtype))
         local = self.prompt_in[1:](local)
         context = self.context(local)
         if self.wide is not None:  # crop sides checked once per crop, in image_features
